@@ -1,0 +1,78 @@
+"""Batched generation with left padding, greedy or sampled, reproducible by seed."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from ..data.core import render_prompt
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Decoding settings. ``temperature == 0`` means greedy; ``num_samples`` answers per prompt."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    num_samples: int = 1
+    batch_size: int = 16
+    seed: int = 0
+    system_prompt: str | None = None  # None: the chat template's default; "" or text: explicit
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    config: GenerationConfig = GenerationConfig(),
+    *,
+    suffix: str = "",
+    progress: bool = True,
+    desc: str = "generate",
+) -> list[list[str]]:
+    """Answer each prompt ``config.num_samples`` times; returns ``[prompt][sample] -> text``.
+
+    Prompts are rendered with the chat template (``suffix`` is appended to the user turn, e.g. an
+    adversarial suffix), batched with left padding, decoded without special tokens. Sampling is
+    seeded per batch from ``config.seed`` so results do not depend on the batch schedule of other runs
+    with the same settings.
+    """
+    if config.num_samples < 1:
+        raise ValueError("num_samples must be >= 1")
+    if config.temperature == 0 and config.num_samples > 1:
+        raise ValueError("num_samples > 1 needs temperature > 0 (greedy decoding gives identical samples)")
+    texts = [render_prompt(tokenizer, p + suffix, config.system_prompt) for p in prompts]
+    old_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    device = next(model.parameters()).device
+    out: list[list[str]] = []
+    try:
+        bar = tqdm(total=len(texts), desc=desc, disable=not progress, unit="prompt")
+        for start in range(0, len(texts), config.batch_size):
+            chunk = texts[start : start + config.batch_size]
+            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            kwargs = dict(max_new_tokens=config.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+            if config.temperature > 0:
+                torch.manual_seed(config.seed * 1_000_003 + start)
+                kwargs.update(do_sample=True, temperature=config.temperature, top_p=config.top_p,
+                              num_return_sequences=config.num_samples)
+            else:
+                kwargs.update(do_sample=False)
+            gen = model.generate(**enc, **kwargs)
+            new = gen[:, enc["input_ids"].shape[1]:]
+            decoded = tokenizer.batch_decode(new, skip_special_tokens=True)
+            k = config.num_samples
+            out.extend([d.strip() for d in decoded[i * k : (i + 1) * k]] for i in range(len(chunk)))
+            bar.update(len(chunk))
+        bar.close()
+    finally:
+        tokenizer.padding_side = old_side
+    return out
