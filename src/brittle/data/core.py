@@ -84,10 +84,14 @@ def render_prompt(tokenizer, prompt: str, system_prompt: str | None = None) -> s
 
 
 def render_example(tokenizer, example: Example, system_prompt: str | None = None) -> tuple[str, str]:
-    """``(prompt_text, full_text)`` where ``full_text`` = prompt_text + rendered response + end of turn."""
+    """``(prompt_text, full_text)`` where ``full_text`` = prompt_text + rendered response + end of turn.
+
+    Surrounding whitespace of the response is dropped (most templates trim it anyway, and a leading space
+    would merge with the template's last prompt token in BPE vocabularies).
+    """
     prompt_text = render_prompt(tokenizer, example.prompt, system_prompt)
     full_text = tokenizer.apply_chat_template(
-        _messages(example.prompt, system_prompt) + [{"role": "assistant", "content": example.response}],
+        _messages(example.prompt, system_prompt) + [{"role": "assistant", "content": example.response.strip()}],
         tokenize=False,
         **_template_kwargs(tokenizer),
     )
@@ -135,18 +139,22 @@ def encode(
     start_char, end_char = len(prompt_text), len(prompt_text) + pos + len(body)
     labels = [IGNORE_INDEX] * len(ids)
     specials = _special_ids(tokenizer)
-    eot_done = not label_eot
+    pending: list[int] = []  # whitespace between the response text and the end-of-turn token
     for t, (a, b) in enumerate(offsets):
         if b <= start_char:  # prompt tokens
             continue
-        if a < end_char and b > start_char and ids[t] not in specials:
+        if a < end_char and ids[t] not in specials:
             labels[t] = ids[t]
-        elif a >= end_char and not eot_done:
-            if ids[t] in specials:  # the end-of-turn token (<|im_end|>, </s>, <end_of_turn>, <|eot_id|> ...)
-                labels[t] = ids[t]
-                eot_done = True
-            elif full_text[a:b].strip():  # visible text after the response before any special token: stop
-                eot_done = True
+        elif not label_eot:
+            break
+        elif ids[t] in specials:  # the end-of-turn token (<|im_end|>, </s>, <end_of_turn>, <|eot_id|> ...)
+            for p in pending + [t]:
+                labels[p] = ids[p]
+            break
+        elif full_text[a:b].strip():  # visible text after the response before any special token: stop
+            break
+        else:
+            pending.append(t)
     input_ids = torch.tensor(ids, dtype=torch.long)
     label_t = torch.tensor(labels, dtype=torch.long)
     if max_length is not None:
