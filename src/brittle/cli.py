@@ -51,11 +51,14 @@ def models_cmd() -> None:
     from .models import PRESETS
 
     for name, preset in PRESETS.items():
-        try:
-            preset.locate()
-            status = "installed"
-        except BrittleError:
-            status = f"missing: {preset.install}"
+        if preset.built_on_first_use:
+            status = "built on first use"
+        else:
+            try:
+                preset.locate()
+                status = "installed"
+            except BrittleError:
+                status = f"missing: {preset.install}"
         typer.echo(f"{name:24s} {preset.description}\n{'':24s} [{status}]")
 
 
@@ -79,6 +82,34 @@ def data_build_cmd(
                       batch_size=batch_size, judge=judge, seed=seed)
     result = build_datasets(cfg, out, overwrite=force)
     typer.echo(result.summary())
+
+
+@app.command("align")
+@user_errors
+def align_cmd(
+    out: OutOpt,
+    model: ModelOpt = "smollm2-135m",
+    n_harmful: Annotated[int, typer.Option(help="Harmful prompts (AdvBench training split) -> refusals.")] = 320,
+    n_benign: Annotated[int, typer.Option(help="Benign instructions -> the model's own answers.")] = 300,
+    lora_r: Annotated[int, typer.Option(help="LoRA rank (alpha = 2r).")] = 16,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 3e-4,
+    epochs: Annotated[int, typer.Option(help="Passes over the training mix.")] = 1,
+    evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="Evaluate the aligned model afterwards.")] = True,
+    seed: SeedOpt = 0,
+    force: ForceOpt = False,
+) -> None:
+    """Build a safety-aligned model organism (LoRA safety fine-tuning, merged) into --out."""
+    from .align import AlignConfig, align_model
+    from .finetune import LoraTrainConfig
+
+    cfg = AlignConfig(base=model, n_harmful=n_harmful, n_benign=n_benign, seed=seed,
+                      lora=LoraTrainConfig(r=lora_r, alpha=2 * lora_r, lr=lr, epochs=epochs, seed=seed))
+    path = align_model(cfg, out, overwrite=force)
+    typer.echo(f"aligned model written to {path} (use it as --model {path})")
+    if evaluate:
+        from .evaluation import evaluate_path
+
+        evaluate_path(str(path), path / "eval", overwrite=force)
 
 
 def main() -> None:  # pragma: no cover - console entry point

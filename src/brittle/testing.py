@@ -11,12 +11,12 @@ import torch
 TINY_ARCHS = ("llama", "qwen2", "mistral", "gemma2", "gemma3", "phi3", "gpt2")
 
 
-def tiny_config(arch: str, vocab_size: int = 512, layers: int = 2, hidden: int = 32, intermediate: int = 64):
+def tiny_config(arch: str, vocab_size: int = 512, layers: int = 2, hidden: int = 32, intermediate: int = 64, **extra):
     import transformers as tf
 
     common = dict(vocab_size=vocab_size, num_hidden_layers=layers, hidden_size=hidden, intermediate_size=intermediate,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0, **extra)
     if arch == "llama":
         return tf.LlamaConfig(**common)
     if arch == "qwen2":
@@ -31,7 +31,7 @@ def tiny_config(arch: str, vocab_size: int = 512, layers: int = 2, hidden: int =
         return tf.Phi3Config(**common)
     if arch == "gpt2":
         return tf.GPT2Config(vocab_size=vocab_size, n_layer=layers, n_embd=hidden, n_head=4, n_positions=256,
-                             n_inner=intermediate, bos_token_id=1, eos_token_id=2)
+                             n_inner=intermediate, bos_token_id=1, eos_token_id=2, **extra)
     raise ValueError(f"unknown tiny architecture '{arch}' (known: {', '.join(TINY_ARCHS)})")
 
 

@@ -1,0 +1,137 @@
+"""LoRA fine-tuning on (prompt, response) examples with response-only loss.
+
+The loss is Hugging Face's causal-LM loss on the labels from :func:`brittle.data.encode` (prompt tokens
+ignored), i.e. the mean cross-entropy over all response tokens of a batch. Training is deterministic for
+a given seed on a given device (shuffling by ``random.Random(seed)``, LoRA init by ``torch.manual_seed``).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from .data.core import Example, encode, pad_batch
+from .io import BrittleError
+from .models import decoder_layers, linear_modules
+
+
+@dataclass(frozen=True)
+class LoraTrainConfig:
+    """LoRA and optimiser settings. ``targets``: canonical roles (``q``, ``v``, ``down`` ...) or ``all``."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("all",)
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    batch_size: int = 8
+    epochs: int = 1
+    max_steps: int | None = None
+    max_length: int = 256
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainHistory:
+    steps: list[int] = field(default_factory=list)
+    loss: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {"steps": self.steps, "loss": self.loss, "seconds": round(self.seconds, 2)}
+
+
+def lora_target_modules(model, roles: Sequence[str]) -> list[str]:
+    """Full module paths (as PEFT wants them) of the linear modules with the given canonical roles."""
+    names = {id(m): n for n, m in model.named_modules()}
+    chosen = []
+    for canon, module in linear_modules(model).items():
+        role = canon.split(".", 2)[2]
+        if "all" in roles or role in roles:
+            chosen.append(names[id(module)])
+    if not chosen:
+        known = sorted({c.split(".", 2)[2] for c in linear_modules(model)})
+        raise BrittleError(f"no linear module has a role in {list(roles)} (roles of this model: {known})")
+    return chosen
+
+
+def make_lora_model(model, cfg: LoraTrainConfig):
+    """Wrap ``model`` with fresh LoRA adapters (fp32 adapters whatever the base dtype)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(cfg.seed)
+    decoder_layers(model)  # fail early on unknown architectures
+    lcfg = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                      target_modules=lora_target_modules(model, cfg.targets), bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, lcfg)
+
+
+def train_lora(
+    model,
+    tokenizer,
+    examples: Sequence[Example],
+    cfg: LoraTrainConfig = LoraTrainConfig(),
+    *,
+    progress: bool = True,
+    on_step: Callable[[int, float, object], None] | None = None,
+):
+    """Train LoRA adapters on ``examples``; returns ``(peft_model, TrainHistory)``.
+
+    ``on_step(step, loss, peft_model)`` is called after every optimiser step (drift tracking hooks in here).
+    """
+    if not examples:
+        raise BrittleError("cannot fine-tune on an empty dataset")
+    encoded = [encode(tokenizer, e, cfg.max_length) for e in examples]
+    empty = [e.id for e, x in zip(examples, encoded) if int((x["labels"] != -100).sum()) == 0]
+    if empty:
+        raise BrittleError(f"{len(empty)} examples have no response tokens after truncation to {cfg.max_length} (e.g. {empty[0]})")
+    peft_model = make_lora_model(model, cfg)
+    peft_model.train()
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(encoded) / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else cfg.max_steps
+    rng = random.Random(cfg.seed)
+    device = next(peft_model.parameters()).device
+    hist = TrainHistory()
+    t0 = time.perf_counter()
+    bar = tqdm(total=total, desc="fine-tune", disable=not progress, unit="step")
+    step = 0
+    while step < total:
+        order = list(range(len(encoded)))
+        rng.shuffle(order)
+        for start in range(0, len(order), cfg.batch_size):
+            if step >= total:
+                break
+            batch = pad_batch([encoded[i] for i in order[start : start + cfg.batch_size]], tokenizer.pad_token_id)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            loss = peft_model(**batch).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            hist.steps.append(step)
+            hist.loss.append(float(loss))
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(loss):.3f}")
+            if on_step is not None:
+                on_step(step, float(loss), peft_model)
+    bar.close()
+    hist.seconds = time.perf_counter() - t0
+    peft_model.eval()
+    return peft_model, hist
+
+
+def merge_lora(peft_model):
+    """Fold the adapters into the base weights (in the base dtype) and return the plain model."""
+    return peft_model.merge_and_unload()
