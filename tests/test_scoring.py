@@ -1,0 +1,361 @@
+"""SNIP / Wanda scores against a brute-force float64 reference; score files; errors; the `score` command."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from brittle.data.core import IGNORE_INDEX, DataError, encode, make_examples
+from brittle.io import BrittleError
+from brittle.models import is_conv1d, linear_modules, linear_weight
+from brittle.scoring import (
+    ScoreMismatchError,
+    check_scores_match,
+    compute_scores,
+    load_scores,
+    plan_passes,
+    read_metadata,
+    save_scores,
+    score_metadata,
+    select_modules,
+)
+from brittle.testing import TINY_ARCHS, tiny_model
+
+VOCAB = 49152  # the SmolLM2 tokenizer's
+MAX_LEN = 64
+
+PROMPTS = [
+    "Hi",
+    "How do I bake a chocolate cake with flour, eggs, sugar and a lot of patience?",
+    "Tell me a short story about a dragon.",
+    "What is 2+2?",
+    "Explain photosynthesis in detail, step by step, to a curious ten year old child who loves plants.",
+    "ok",
+]
+RESPONSES = [
+    "Hello there!",
+    "Mix the dry ingredients, add the eggs, bake for 30 minutes.",
+    "Once upon a time a dragon who liked tea lived in a small cave by the sea, and every morning it flew.",
+    "4",
+    "Plants use light to make sugar from water and air.",
+    "Sure, I can help with that. What would you like to know?",
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from transformers import AutoTokenizer
+
+    from brittle.models import resolve_model_path
+
+    try:
+        path = resolve_model_path("smollm2-135m")
+    except BrittleError as e:  # assets not installed
+        pytest.skip(f"SmolLM2 tokenizer unavailable: {e}")
+    t = AutoTokenizer.from_pretrained(path)
+    if t.pad_token is None:
+        t.pad_token = t.eos_token
+    return t
+
+
+@pytest.fixture(scope="module")
+def examples():
+    return make_examples("test", PROMPTS, RESPONSES)
+
+
+# --------------------------------------------------------------------------------------------------
+# Brute-force reference: one example at a time, float64, torch.autograd on the weights themselves.
+
+
+def reference_scores(model, tok, examples, method, max_length=MAX_LEN):
+    m = copy.deepcopy(model).double()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    mods = linear_modules(m)
+    acc = {}
+    for n, mod in mods.items():
+        w = linear_weight(mod)
+        acc[n] = torch.zeros(w.shape[1] if method == "wanda" else tuple(w.shape), dtype=torch.float64)
+    for e in examples:
+        enc = encode(tok, e, max_length)
+        ids, labels = enc["input_ids"][None], enc["labels"]
+        if method == "wanda":
+            resp = labels != IGNORE_INDEX  # input token is a response token
+
+            def hook(mod, args, out, n):
+                acc[n].add_((args[0][0][resp] ** 2).sum(0))
+
+            handles = [mod.register_forward_hook(lambda mo, a, o, n=n: hook(mo, a, o, n)) for n, mod in mods.items()]
+            with torch.no_grad():
+                m(input_ids=ids)
+            for h in handles:
+                h.remove()
+        else:
+            weights = [mod.weight for mod in mods.values()]
+            for w in weights:
+                w.requires_grad_(True)
+            logits = m(input_ids=ids).logits[0]
+            target = labels[1:]
+            keep = target != IGNORE_INDEX
+            loss = F.cross_entropy(logits[:-1][keep], target[keep])  # mean over the response tokens
+            grads = torch.autograd.grad(loss, weights)
+            for w in weights:
+                w.requires_grad_(False)
+            for (n, mod), g in zip(mods.items(), grads, strict=True):
+                g = g.t() if is_conv1d(mod) else g
+                acc[n] += g.abs() if method == "snip" else g
+    out = {}
+    for n, mod in mods.items():
+        w = linear_weight(mod).detach()
+        if method == "snip":
+            out[n] = w.abs() * acc[n]
+        elif method == "snip-summed":
+            out[n] = (w * acc[n]).abs()
+        else:
+            out[n] = w.abs() * acc[n].sqrt()[None, :]
+    return out
+
+
+def rel_errors(scores, ref):
+    assert list(scores) == list(ref)
+    out = {}
+    for n in ref:
+        s, r = scores[n], ref[n]
+        assert s.dtype == torch.float32 and s.shape == r.shape, n
+        d = s.double() - r
+        out[n] = max((d.norm() / r.norm()).item(), (d.abs().max() / r.abs().max()).item())
+    return out
+
+
+def test_examples_need_padding(tok, examples):
+    lengths = {len(encode(tok, e, MAX_LEN)["input_ids"]) for e in examples}
+    assert len(lengths) >= 4  # batches of 4 contain padding
+    assert max(len(encode(tok, e)["input_ids"]) for e in examples) > MAX_LEN  # and truncation happens
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_matches_float64_reference(arch, tok, examples):
+    model = tiny_model(arch, vocab_size=VOCAB)
+    for method in ("snip", "wanda"):
+        ref = reference_scores(model, tok, examples, method)
+        for bs in (1, 4):
+            scores = compute_scores(model, tok, examples, method, batch_size=bs, max_length=MAX_LEN, progress=False)
+            errs = rel_errors(scores, ref)
+            worst = max(errs, key=errs.get)
+            assert errs[worst] < 1e-5, (arch, method, bs, worst, errs[worst])
+            for n, mod in linear_modules(model).items():  # canonical [d_out, d_in], also for Conv1D
+                assert scores[n].shape == linear_weight(mod).shape
+
+
+def test_snip_summed_matches_reference(tok, examples):
+    model = tiny_model("qwen2", vocab_size=VOCAB)
+    ref = reference_scores(model, tok, examples, "snip-summed")
+    scores = compute_scores(model, tok, examples, "snip-summed", batch_size=4, max_length=MAX_LEN, progress=False)
+    assert max(rel_errors(scores, ref).values()) < 1e-5
+    snip = compute_scores(model, tok, examples, "snip", batch_size=4, max_length=MAX_LEN, progress=False)
+    # |sum g| <= sum |g|, strictly somewhere: the two variants really differ
+    for n in snip:
+        assert torch.all(scores[n] <= snip[n] * (1 + 1e-5) + 1e-12)
+    assert any(not torch.allclose(scores[n], snip[n]) for n in snip)
+
+
+def test_batch_size_changes_only_rounding(tok, examples):
+    model = tiny_model("llama", vocab_size=VOCAB)
+    a = compute_scores(model, tok, examples, "snip", batch_size=1, max_length=MAX_LEN, progress=False)
+    b = compute_scores(model, tok, examples, "snip", batch_size=3, max_length=MAX_LEN, progress=False)
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], rtol=1e-5, atol=0)
+
+
+def test_subset_and_passes_equal_full_run(tok, examples):
+    model = tiny_model("mistral", vocab_size=VOCAB)
+    full = compute_scores(model, tok, examples, "snip", batch_size=4, max_length=MAX_LEN, progress=False)
+    sub = compute_scores(model, tok, examples, "snip", batch_size=4, max_length=MAX_LEN, progress=False,
+                         modules=["layers.1.*", "layers.0.down"])
+    assert list(sub) == ["layers.0.down"] + [n for n in full if n.startswith("layers.1.")]
+    for n in sub:  # the backward rooted at block 1 gives the same numbers
+        torch.testing.assert_close(sub[n], full[n], rtol=1e-6, atol=0)
+    stats: dict = {}
+    cap = 4 * 32 * 64 + 1  # about one MLP matrix per pass
+    split = compute_scores(model, tok, examples, "snip", batch_size=4, max_length=MAX_LEN, progress=False,
+                           max_accumulator_bytes=cap, stats=stats)
+    assert stats["n_passes"] == len(plan_passes(select_modules(model), "snip", cap)) > 3
+    assert list(split) == list(full)
+    for n in full:
+        torch.testing.assert_close(split[n], full[n], rtol=1e-6, atol=0)
+
+
+def test_model_state_untouched(tok, examples):
+    model = tiny_model("gemma3", vocab_size=VOCAB)
+    model.model.layers[0].mlp.up_proj.weight.requires_grad_(False)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    compute_scores(model, tok, examples[:3], "snip", batch_size=2, max_length=MAX_LEN, progress=False)
+    assert not model.training
+    for n, p in model.named_parameters():
+        assert p.grad is None, n
+        assert p.requires_grad == flags[n], n
+        assert torch.equal(p, before[n]), n
+
+
+def test_pre_encoded_and_bf16(tok, examples):
+    model = tiny_model("phi3", vocab_size=VOCAB)
+    encoded = [encode(tok, e, MAX_LEN) for e in examples]
+    a = compute_scores(model, tok, examples, "wanda", batch_size=4, max_length=MAX_LEN, progress=False)
+    b = compute_scores(model, None, encoded, "wanda", batch_size=4, max_length=MAX_LEN, progress=False)
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], rtol=1e-6, atol=0)
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    s16 = compute_scores(half, tok, examples, "snip", batch_size=4, max_length=MAX_LEN, progress=False)
+    s32 = compute_scores(model, tok, examples, "snip", batch_size=4, max_length=MAX_LEN, progress=False)
+    for n in s32:
+        assert s16[n].dtype == torch.float32 and torch.isfinite(s16[n]).all()
+        assert ((s16[n] - s32[n]).norm() / s32[n].norm()) < 0.1  # bf16 forward, fp32 accumulation
+
+
+def test_peft_wrapped_model_scores_base_weights(tok, examples):
+    peft = pytest.importorskip("peft")
+    model = tiny_model("llama", vocab_size=VOCAB)
+    plain = compute_scores(model, tok, examples[:4], "snip", batch_size=2, max_length=MAX_LEN, progress=False)
+    cfg = peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0)
+    wrapped = peft.get_peft_model(copy.deepcopy(model), cfg)  # B = 0: same function as the plain model
+    scores = compute_scores(wrapped, tok, examples[:4], "snip", batch_size=2, max_length=MAX_LEN, progress=False)
+    assert list(scores) == list(plain)
+    for n in plain:
+        torch.testing.assert_close(scores[n], plain[n], rtol=1e-6, atol=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Score files
+
+
+def _score_file(model, tok, examples, path, seed=0, **kw):
+    stats: dict = {}
+    scores = compute_scores(model, tok, examples, "snip", batch_size=4, max_length=MAX_LEN, progress=False,
+                            stats=stats, **kw)
+    meta = score_metadata(model, examples, "snip", seed=seed, max_length=MAX_LEN, stats=stats, data="test")
+    save_scores(path, scores, meta)
+    return scores, meta
+
+
+def test_save_load_roundtrip_and_determinism(tmp_path, tok, examples):
+    model = tiny_model("gpt2", vocab_size=VOCAB)
+    scores, meta = _score_file(model, tok, examples, tmp_path / "a.safetensors")
+    _score_file(tiny_model("gpt2", vocab_size=VOCAB), tok, examples, tmp_path / "b.safetensors")
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+
+    for mmap in (True, False):
+        loaded, m2 = load_scores(tmp_path / "a.safetensors", mmap=mmap)
+        assert list(loaded) == list(scores)  # canonical (natural) order, not the file's string order
+        for n in scores:
+            assert loaded[n].device.type == "cpu" and loaded[n].dtype == torch.float32
+            assert torch.equal(loaded[n], scores[n])
+        assert m2 == json.loads(json.dumps(meta))
+    assert meta["n_examples"] == len(examples) and meta["n_response_tokens"] > 0
+    assert meta["n_tokens"] >= meta["n_response_tokens"]
+    assert meta["method"] == "snip" and meta["max_length"] == MAX_LEN and meta["seed"] == 0
+    assert "torch" in meta["versions"] and len(meta["dataset_hash"]) == 64
+    assert read_metadata(tmp_path / "a.safetensors")["model_hash"] == meta["model_hash"]
+    sub, _ = load_scores(tmp_path / "a.safetensors", modules=["layers.1.*"])
+    assert set(sub) == {n for n in scores if n.startswith("layers.1.")}
+    # memory-mapped tensors are copy-on-write: editing one never changes the file
+    mm, _ = load_scores(tmp_path / "a.safetensors")
+    next(iter(mm.values())).zero_()
+    again, _ = load_scores(tmp_path / "a.safetensors")
+    assert torch.equal(next(iter(again.values())), next(iter(scores.values())))
+    check_scores_match(model, meta, mm)
+    with pytest.raises(BrittleError, match="already exists"):
+        save_scores(tmp_path / "a.safetensors", scores, meta)
+
+
+# --------------------------------------------------------------------------------------------------
+# Errors
+
+
+def test_errors(tmp_path, tok, examples):
+    model = tiny_model("llama", vocab_size=VOCAB)
+    with pytest.raises(BrittleError, match="unknown scoring method 'grad'"):
+        compute_scores(model, tok, examples, "grad", batch_size=1, max_length=MAX_LEN, progress=False)
+    long_prompt = make_examples("t", ["word " * 200], ["fine"])
+    with pytest.raises(DataError, match=r"example #2 \(" + long_prompt[0].id + r"\) has no response tokens after "
+                       "truncation to max_length=64"):
+        compute_scores(model, tok, [examples[0], examples[3]] + long_prompt, "snip", batch_size=1, max_length=64,
+                       progress=False)
+    with pytest.raises(DataError, match="no response tokens"):
+        compute_scores(model, tok, long_prompt, "wanda", batch_size=1, max_length=32, progress=False)
+    with pytest.raises(DataError, match="empty response"):
+        compute_scores(model, tok, make_examples("t", ["q"], [""]), "snip", batch_size=1, max_length=MAX_LEN,
+                       progress=False)
+    with pytest.raises(DataError, match="no examples"):
+        compute_scores(model, tok, [], "snip", batch_size=1, max_length=MAX_LEN, progress=False)
+    with pytest.raises(BrittleError, match="no linear module matches 'layers.9.*'"):
+        compute_scores(model, tok, examples, "snip", batch_size=1, max_length=MAX_LEN, progress=False,
+                       modules=["layers.9.*"])
+
+    scores, meta = _score_file(model, tok, examples[:2], tmp_path / "s.safetensors", modules=["layers.0.q"])
+    other = tiny_model("llama", seed=1, vocab_size=VOCAB)
+    with pytest.raises(ScoreMismatchError, match="computed on model 'tiny-llama-seed0'.*not on the loaded model 'tiny-llama-seed1'"):
+        check_scores_match(other, meta)
+    with pytest.raises(ScoreMismatchError, match="shape"):
+        check_scores_match(model, meta, {"layers.0.q": torch.zeros(3, 3)})
+    (tmp_path / "x.safetensors").write_bytes(b"garbage")
+    with pytest.raises(BrittleError, match="not a safetensors file"):
+        load_scores(tmp_path / "x.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(BrittleError, match="not a brittle score file"):
+        load_scores(tmp_path / "plain.safetensors")
+    with pytest.raises(BrittleError, match="not found"):
+        load_scores(tmp_path / "missing.safetensors")
+
+
+# --------------------------------------------------------------------------------------------------
+# The `brittle score` command
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, tok):
+    d = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama", vocab_size=VOCAB).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def test_score_command(tmp_path, tiny_dir, examples):
+    from typer.testing import CliRunner
+
+    from brittle.cli import app
+    from brittle.data.core import save_jsonl
+
+    data = save_jsonl(tmp_path / "pairs.jsonl", examples)
+    out = tmp_path / "run"
+    args = ["score", "--model", str(tiny_dir), "--data", str(data), "--method", "snip", "--nsamples", "4",
+            "--seed", "0", "--batch-size", "2", "--max-length", str(MAX_LEN), "--out", str(out)]
+    runner = CliRunner()
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    path = out / "scores" / "pairs-snip.safetensors"
+    assert path.is_file() and "wrote" in r.output
+    scores, meta = load_scores(path)
+    assert meta["n_examples"] == 4 and meta["seed"] == 0 and len(scores) == 14
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["command"] == "score" and man["outputs"]["scores"]["reused"] is False
+    first = path.read_bytes()
+
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "reusing cached scores" in r.output
+    assert path.read_bytes() == first
+
+    r = runner.invoke(app, [a if a != str(MAX_LEN) else "56" for a in args])
+    assert r.exit_code == 2 and "different settings (max_length)" in r.output
+    r = runner.invoke(app, [a if a != str(MAX_LEN) else "56" for a in args] + ["--force"])
+    assert r.exit_code == 0 and read_metadata(path)["max_length"] == 56, r.output
+
+    r = runner.invoke(app, [a if a != "snip" else "magnitude" for a in args])
+    assert r.exit_code == 2 and "unknown scoring method 'magnitude'" in r.output
