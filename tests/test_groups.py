@@ -375,9 +375,8 @@ def test_group_summary():
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from safetensors.torch import save_file
-
     from brittle.models import linear_modules, linear_weight, weight_fingerprint
+    from brittle.scoring import save_scores
     from brittle.testing import tiny_model
 
     root = tmp_path_factory.mktemp("groups_cli")
@@ -389,9 +388,8 @@ def tiny_run(tmp_path_factory):
     paths = {}
     for kind in ("safety", "utility"):
         scores = {n: (w.abs() * torch.rand(w.shape, generator=g)).contiguous() for n, w in weights.items()}
-        meta = {"format": "brittle-scores/1", "brittle": json.dumps({"model": str(root / "model"), "model_hash": fp})}
         paths[kind] = root / f"{kind}.safetensors"
-        save_file(scores, str(paths[kind]), metadata=meta)
+        save_scores(paths[kind], scores, {"model": str(root / "model"), "model_hash": fp})
     return root, paths, weights
 
 
@@ -442,21 +440,27 @@ def test_cli_groups_end_to_end(tiny_run, tmp_path):
 def test_cli_groups_errors(tiny_run, tmp_path):
     from safetensors.torch import load_file, save_file
 
+    from brittle.scoring import save_scores
+
     root, paths, _ = tiny_run
     other = tmp_path / "other.safetensors"
-    save_file(load_file(str(paths["utility"])), str(other),
-              metadata={"brittle": json.dumps({"model": "x", "model_hash": "f" * 64})})
+    save_scores(other, load_file(str(paths["utility"])), {"model": "x", "model_hash": "f" * 64})
     res = _invoke("--safety", paths["safety"], "--utility", other, "--out", tmp_path / "a")
     assert res.exit_code == 2 and "different models" in res.output
     res = _invoke("--safety", paths["safety"], "--utility", paths["utility"], "--q", 5, "--out", tmp_path / "b")
     assert res.exit_code == 2 and "did you mean 0.05" in res.output
     res = _invoke("--safety", paths["safety"], "--utility", paths["utility"], "--scope", "layer", "--out", tmp_path / "c")
     assert res.exit_code == 2 and "row, matrix, global" in res.output
+    # a safetensors file that brittle did not write is refused with a clear message
+    plain = tmp_path / "plain-scores.safetensors"
+    save_file(load_file(str(paths["safety"])), str(plain))
+    res = _invoke("--safety", plain, "--utility", paths["utility"], "--out", tmp_path / "g")
+    assert res.exit_code == 2 and "not a brittle score file" in res.output
     # no model named anywhere: the magnitude control needs --model (or --no-magnitude)
     bare = {}
     for kind in ("safety", "utility"):
         bare[kind] = tmp_path / f"bare-{kind}.safetensors"
-        save_file(load_file(str(paths[kind])), str(bare[kind]))
+        save_scores(bare[kind], load_file(str(paths[kind])), {})
     res = _invoke("--safety", bare["safety"], "--utility", bare["utility"], "--out", tmp_path / "d")
     assert res.exit_code == 2 and "--model" in res.output
     res = _invoke("--safety", bare["safety"], "--utility", bare["utility"], "--model", root / "model", "--out", tmp_path / "e")

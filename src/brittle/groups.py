@@ -650,39 +650,21 @@ def print_summary(df, levels: Iterable[str] = ("type", "layer", "total"), consol
 
 
 def read_score_file(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """``(scores, metadata)`` of a safetensors score file (kept local so groups do not need the scorer).
+    """``(scores, metadata)`` of a score file written by ``brittle score`` (read into memory)."""
+    from .scoring import load_scores
 
-    The metadata is the file's str -> str safetensors metadata; a ``brittle`` entry holding JSON (what
-    ``brittle score`` writes: ``model``, ``model_hash``, ``method``, ...) is decoded and merged in.
-    """
     path = Path(path)
     if not path.is_file():
         raise GroupFileError(f"score file not found: {path}")
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    try:
-        with safe_open(str(path), "pt") as f:
-            raw = dict(f.metadata() or {})
-        scores = load_file(str(path))
-    except Exception as e:
-        raise GroupFileError(f"cannot read score file {path}: {type(e).__name__}: {e}") from e
+    scores, meta = load_scores(path, mmap=False)
     if not scores:
         raise GroupFileError(f"score file {path} holds no tensors")
-    meta: dict[str, Any] = dict(raw)
-    if "brittle" in raw:
-        try:
-            nested = json.loads(raw["brittle"])
-        except json.JSONDecodeError as e:
-            raise GroupFileError(f"score file {path}: its 'brittle' metadata is not JSON ({e})") from e
-        if isinstance(nested, dict):
-            meta.update(nested)
     return scores, meta
 
 
 def score_model_hash(meta: Mapping[str, Any]) -> str | None:
-    """Weight fingerprint of the model a score file was computed on (``model_hash`` or ``model_weight_hash``)."""
-    h = meta.get("model_hash") or meta.get("model_weight_hash")
+    """Weight fingerprint of the model a score file was computed on."""
+    h = meta.get("model_hash")
     return str(h) if h else None
 
 

@@ -655,23 +655,9 @@ def _data_label(spec: str) -> str:
 
 
 def _resolve_data(spec: str, model_spec: str, seed: int, model_and_tokenizer) -> list[Example]:
-    try:
-        from .data.build import resolve_dataset
-    except ImportError:
-        resolve_dataset = None
-    if resolve_dataset is not None:
-        try:
-            params = inspect.signature(resolve_dataset).parameters
-        except (TypeError, ValueError):
-            params = {}
-        if "model_and_tokenizer" in params:
-            return resolve_dataset(spec, model_spec, seed, model_and_tokenizer=model_and_tokenizer)
-        return resolve_dataset(spec, model_spec, seed)
-    from .data.core import load_file
+    from .data.build import resolve_dataset
 
-    if Path(spec).is_file():
-        return load_file(spec, require_response=True)
-    raise BrittleError(f"cannot resolve dataset '{spec}': brittle.data.build is not available; pass a .jsonl/.csv file")
+    return resolve_dataset(spec, model_spec, seed, model_and_tokenizer=model_and_tokenizer)
 
 
 def score_command(
