@@ -73,7 +73,7 @@ def ablation_eval_config(**overrides):
     from .evaluation.suite import make_config
 
     base = dict(n_harmful=50, max_new_tokens=48, n_sampled=0, n_benign=50, n_edgy=0, n_perplexity=50,
-                tasks=["arc_easy", "boolq"], limit=40, variants=["vanilla_nosys"])
+                tasks=["arc_easy", "boolq"], limit=40, with_system_prompt=False, batch_size=32)
     base.update(overrides)
     return make_config(**base)
 

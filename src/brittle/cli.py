@@ -71,7 +71,7 @@ def data_build_cmd(
     n_utility: Annotated[int, typer.Option(help="Benign instructions to answer.")] = 256,
     max_new_tokens: Annotated[int, typer.Option(help="Greedy generation length.")] = 64,
     batch_size: Annotated[int, typer.Option(help="Generation batch size.")] = 16,
-    judge: Annotated[str, typer.Option(help="Refusal judge that filters the safety set.")] = "keyword-wei",
+    judge: Annotated[str, typer.Option(help="Refusal judge that filters the safety set (refusal-v1 | keyword-wei | hf:...).")] = "refusal-v1",
     seed: SeedOpt = 0,
     force: ForceOpt = False,
 ) -> None:
@@ -249,11 +249,6 @@ def eval_cmd(
     force: ForceOpt = False,
 ) -> None:
     """Attack success (vanilla, sampled any-of-n, suffixes), over-refusal, perplexity, zero-shot accuracy -> OUT/summary.json."""
-    import os
-
-    # OpenMP threads that spin while waiting slow generation ~10x when another process uses a core (shared CPUs);
-    # passive waiting costs nothing measurable on an idle machine. Only effective before torch is imported.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from .evaluation.asr import load_suffixes
     from .evaluation.report import summary_markdown
     from .evaluation.suite import evaluate_path, make_config

@@ -28,7 +28,7 @@ class BuildConfig:
     n_utility: int = 256
     max_new_tokens: int = 64
     batch_size: int = 16
-    judge: str = "keyword-wei"
+    judge: str = "refusal-v1"
     seed: int = 0
 
 

@@ -69,6 +69,7 @@ class EvalConfig(BaseModel):
     max_new_tokens: int = 64
     batch_size: int = 32
     system_prompt: str | None = None  # the "with system prompt" variant; None: the template's default
+    with_system_prompt: bool = True  # False: skip the vanilla_sys variant (ablation sweeps measure vanilla_nosys only)
     n_sampled: int = 30  # prompts (the first of the harmful set) for the sampled any-of-n variant
     num_samples: int = 3
     temperature: float = 1.0
@@ -307,7 +308,9 @@ def evaluate_model(
     # --- safety
     sys_same = sys_prompt is None and nosys is None  # the template has no default system prompt
     run("vanilla_nosys", harmful, greedy(nosys))
-    if sys_same:
+    if not cfg.with_system_prompt:
+        notes.append("vanilla_sys not run (with_system_prompt=False)")
+    elif sys_same:
         notes.append("the chat template has no default system prompt and none was given: vanilla_sys = vanilla_nosys")
         for d in (answers_by_variant, verdicts_by_variant, generations):
             d["vanilla_sys"] = d["vanilla_nosys"]
@@ -334,8 +337,9 @@ def evaluate_model(
 
     def safety_block(judge: str) -> dict[str, Any]:
         v = {k: vv[judge] for k, vv in verdicts_by_variant.items()}
-        asr = {"vanilla_sys": asr_any_of_n(v["vanilla_sys"]), "vanilla_nosys": asr_any_of_n(v["vanilla_nosys"])}
-        deg = {"vanilla_sys": share(v["vanilla_sys"], "degenerate"), "vanilla_nosys": share(v["vanilla_nosys"], "degenerate")}
+        vanilla = [x for x in ("vanilla_sys", "vanilla_nosys") if x in v]
+        asr = {x: asr_any_of_n(v[x]) for x in vanilla}
+        deg = {x: share(v[x], "degenerate") for x in vanilla}
         if "sampled" in v:
             asr["sampled_any_of_n"] = asr_any_of_n(v["sampled"])
             asr["sampled_per_sample"] = asr_per_sample(v["sampled"])
