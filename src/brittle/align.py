@@ -41,6 +41,10 @@ class AlignConfig:
     n_benign: int = 300
     benign_max_new_tokens: int = 48
     generation_batch_size: int = 16
+    # Share of training examples rendered WITHOUT the template's default system prompt (an explicit empty
+    # system message where the template injects one): refusals must not hinge on one system prompt, since
+    # the paper's vanilla ASR is measured without a system prompt.
+    no_system_prompt_share: float = 0.5
     lora: LoraTrainConfig = field(default_factory=LoraTrainConfig)
     seed: int = 0
 
@@ -78,14 +82,20 @@ def align_model(cfg: AlignConfig, out_dir: str | Path, *, overwrite: bool = Fals
     model, tok = load_model(cfg.base)
     base_hash = weight_fingerprint(model)
     data = alignment_examples(model, tok, cfg, progress=progress)
-    peft_model, hist = train_lora(model, tok, data, cfg.lora, progress=progress)
+    from .evaluation.suite import no_system_prompt
+
+    rng = random.Random(cfg.seed + 1)
+    nosys = no_system_prompt(tok)
+    system_prompts = [nosys if rng.random() < cfg.no_system_prompt_share else None for _ in data]
+    peft_model, hist = train_lora(model, tok, data, cfg.lora, progress=progress, system_prompts=system_prompts)
     merged = merge_lora(peft_model)
     tmp = out_dir.with_name(out_dir.name + ".partial")
     merged.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     save_jsonl(tmp / "alignment_data.jsonl", data, overwrite=True)
     write_json(tmp / "train_history.json", hist.to_dict(), overwrite=True)
-    counts = {"harmful_refusal": sum(e.response in REFUSALS for e in data), "benign_own_answer": sum(e.response not in REFUSALS for e in data)}
+    counts = {"harmful_refusal": sum(e.response in REFUSALS for e in data), "benign_own_answer": sum(e.response not in REFUSALS for e in data),
+              "without_default_system_prompt": sum(sp is not None for sp in system_prompts)}
     write_manifest(tmp, manifest("align", cfg.to_dict(), seeds={"seed": cfg.seed},
                                  inputs={"base_weights": base_hash, "alignment_data": sha256_json([e.to_dict() for e in data])},
                                  outputs={"model_weights": weight_fingerprint(merged), "counts": counts,

@@ -84,14 +84,21 @@ def train_lora(
     *,
     progress: bool = True,
     on_step: Callable[[int, float, object], None] | None = None,
+    system_prompts: Sequence[str | None] | None = None,
 ):
     """Train LoRA adapters on ``examples``; returns ``(peft_model, TrainHistory)``.
+
+    ``system_prompts`` (one per example, ``None`` = the chat template's default) lets a recipe render some
+    examples with and some without a system prompt.
 
     ``on_step(step, loss, peft_model)`` is called after every optimiser step (drift tracking hooks in here).
     """
     if not examples:
         raise BrittleError("cannot fine-tune on an empty dataset")
-    encoded = [encode(tokenizer, e, cfg.max_length) for e in examples]
+    if system_prompts is not None and len(system_prompts) != len(examples):
+        raise BrittleError(f"{len(system_prompts)} system prompts for {len(examples)} examples")
+    sys_for = system_prompts or [None] * len(examples)
+    encoded = [encode(tokenizer, e, cfg.max_length, system_prompt=sp) for e, sp in zip(examples, sys_for)]
     empty = [e.id for e, x in zip(examples, encoded) if int((x["labels"] != -100).sum()) == 0]
     if empty:
         raise BrittleError(f"{len(empty)} examples have no response tokens after truncation to {cfg.max_length} (e.g. {empty[0]})")
