@@ -114,6 +114,18 @@ def write_jsonl(path: str | os.PathLike[str], rows: list[dict[str, Any]], *, ove
     return write_text(path, text, overwrite=overwrite)
 
 
+def iter_jsonl(path: str | os.PathLike[str]) -> Iterator[tuple[int, Any]]:
+    """``(line number, parsed object)`` for every non-blank line; invalid JSON raises with file and line."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise BrittleError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
+
+
 def cache_dir() -> Path:
     """``$BRITTLE_CACHE`` or ``~/.cache/brittle``."""
     return Path(os.environ.get("BRITTLE_CACHE", Path.home() / ".cache" / "brittle")).expanduser()

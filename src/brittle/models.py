@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .assets import AssetError, assemble_parts, dist_file, dist_files
+from .assets import assemble_parts, dist_file, dist_files
 from .io import BrittleError, cache_dir, sha256_file
 
 DEFAULT_MODEL = "smollm2-135m"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import random
 import re
 from collections.abc import Iterable, Sequence
@@ -18,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..io import BrittleError
+from ..io import BrittleError, iter_jsonl
 
 IGNORE_INDEX = -100
 
@@ -223,15 +222,13 @@ def load_file(path: str | Path, *, require_response: bool = False) -> list[Examp
     source = path.stem
     out: list[Example] = []
     if path.suffix.lower() in {".jsonl", ".json"}:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
+        try:
+            for lineno, row in iter_jsonl(path):
                 out.append(_row_example(row, f"{path}:{lineno}", source, require_response))
+        except DataError:
+            raise
+        except BrittleError as e:  # invalid JSON: same message, data error type
+            raise DataError(str(e)) from e
     elif path.suffix.lower() in {".csv", ".tsv"}:
         with open(path, encoding="utf-8", newline="") as f:
             reader = csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")

@@ -10,7 +10,7 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from ..io import BrittleError
+from ..io import BrittleError, iter_jsonl
 from .stats import rate
 
 ATTACK = "compliance"
@@ -94,13 +94,7 @@ def load_suffixes(path: str | Path | None = None, strings: Sequence[str] = ()) -
                 raise BrittleError(f"{path}: expected a JSON list of strings")
             out += items
         elif path.suffix == ".jsonl":
-            for i, line in enumerate(text.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    item = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise BrittleError(f"{path}:{i}: invalid JSON ({e.msg})") from e
+            for i, item in iter_jsonl(path):
                 item = item.get("suffix") if isinstance(item, dict) else item
                 if not isinstance(item, str):
                     raise BrittleError(f"{path}:{i}: expected a string or an object with a 'suffix' field")
