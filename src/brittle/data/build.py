@@ -100,18 +100,36 @@ def build_datasets(cfg: BuildConfig, out_dir: str | Path, *, overwrite: bool = F
 
 
 def default_build_dir(model: str, seed: int = 0) -> Path:
-    """Where ``resolve_dataset`` caches the built datasets of ``model``."""
-    key = re.sub(r"[^A-Za-z0-9._-]+", "_", model).strip("_")
+    """Where ``resolve_dataset`` caches the built datasets of ``model``: keyed by the resolved model path
+    (presets resolve to content-addressed cache directories), so a rebuilt model gets new datasets."""
+    from ..models import resolve_model_path
+
+    resolved = resolve_model_path(model)
+    name = Path(resolved).name if Path(resolved).exists() else resolved
+    key = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")
     return cache_dir() / "data" / key / f"seed{seed}"
 
 
+def _built_for(path: Path, model_and_tokenizer) -> bool:
+    """True if the datasets in ``path`` exist and (when a model is given) were built from its weights."""
+    if not (path / "manifest.json").exists():
+        return False
+    if model_and_tokenizer is None:
+        return True
+    from ..models import weight_fingerprint
+
+    built = read_build_manifest(path).get("inputs", {}).get("model_weights")
+    return built == weight_fingerprint(model_and_tokenizer[0])
+
+
 def resolve_dataset(spec: str, model: str, seed: int = 0, *, model_and_tokenizer=None) -> list[Example]:
-    """``safety`` / ``utility`` -> the model's own built set (built with defaults and cached on first use);
-    a ``.jsonl``/``.csv`` path -> that file; anything else -> a named prompt source (``brittle.data.sources``)."""
+    """``safety`` / ``utility`` -> the model's own built set (built with defaults and cached on first use,
+    rebuilt when the cached one was built from other weights); a ``.jsonl``/``.csv`` path -> that file;
+    anything else -> a named prompt source (``brittle.data.sources``)."""
     if spec in KINDS:
         d = default_build_dir(model, seed)
         path = d / f"{spec}.jsonl"
-        if not path.exists():
+        if not _built_for(d, model_and_tokenizer):
             build_datasets(BuildConfig(model=model, seed=seed), d, overwrite=True, model_and_tokenizer=model_and_tokenizer)
         examples = load_file(path, require_response=True) if path.stat().st_size else []
         if not examples:
