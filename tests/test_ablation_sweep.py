@@ -39,3 +39,34 @@ def test_sweep_writes_table_figure_and_groups_and_restores_the_model(smol_tokeni
         assert sum(int(m.sum()) for m in sd.values()) > 0
     assert all(0 <= x <= 1 for x in table.asr) and all(0 <= x <= 1 for x in table.asr_wei)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_ablate_command_end_to_end(smol_tokenizer, tmp_path):
+    """`brittle ablate` on score files of a tiny saved model: table, figure, refusal to overwrite."""
+    from typer.testing import CliRunner
+
+    from brittle.cli import app
+    from brittle.models import weight_fingerprint
+    from brittle.scoring import save_scores
+
+    model = tiny_model("llama", vocab_size=len(smol_tokenizer))
+    model.save_pretrained(tmp_path / "m")
+    smol_tokenizer.save_pretrained(tmp_path / "m")
+    g = torch.Generator().manual_seed(1)
+    meta = {"model": str(tmp_path / "m"), "model_hash": weight_fingerprint(model)}
+    for kind in ("safety", "utility"):
+        scores = {n: linear_weight(m).detach().abs() * torch.rand(linear_weight(m).shape, generator=g)
+                  for n, m in linear_modules(model).items()}
+        save_scores(tmp_path / f"{kind}.safetensors", scores, meta)
+    args = ["ablate", "--model", str(tmp_path / "m"), "--safety", str(tmp_path / "safety.safetensors"),
+            "--utility", str(tmp_path / "utility.safetensors"), "--sparsities", "0.05", "--n-harmful", "2",
+            "--limit", "2", "--out", str(tmp_path / "run")]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    table = pd.read_csv(tmp_path / "run" / "ablation.csv")
+    assert list(table.group) == ["dense", "top_safety", "set_difference", "random", "random_magnitude"]
+    assert (tmp_path / "run" / "ablation.png").exists()
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2 and "--force" in res.output
+    bad = CliRunner().invoke(app, args[:-2] + ["--sparsities", "5", "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "fractions in (0, 1]" in bad.output
