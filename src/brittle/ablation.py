@@ -153,14 +153,17 @@ def run_ablation(model, tokenizer, safety, utility, sparsities, out_dir, *, p: f
 
 def ablation_markdown(table, cfg=None) -> str:
     """The table as Markdown, with a legend saying how each column was computed."""
-    fmt = table.copy()
-    for c in fmt.columns:
-        if c in ("group",):
-            continue
-        fmt[c] = fmt[c].map(lambda x: "" if x is None or x != x else (f"{x:.4%}" if c == "fraction_removed" else
-                                                                     (f"{x:g}" if isinstance(x, float) else str(x))))
-    header = "| " + " | ".join(fmt.columns) + " |\n|" + "---|" * len(fmt.columns) + "\n"
-    body = "".join("| " + " | ".join(str(v) for v in r) + " |\n" for r in fmt.itertuples(index=False))
+    def cell(column: str, x) -> str:
+        if x is None or x != x:  # None or NaN
+            return ""
+        if column == "fraction_removed":
+            return f"{x:.4%}"
+        return f"{x:g}" if isinstance(x, float) else str(x)
+
+    columns = list(table.columns)
+    header = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
+    body = "".join("| " + " | ".join(cell(c, v) for c, v in zip(columns, r, strict=True)) + " |\n"
+                   for r in table.itertuples(index=False))
     legend = (
         "\nColumns: `fraction_removed` = zeroed entries / all entries of the scored linear modules; `asr_wei` = "
         "attack success with the paper's keyword judge, `asr` = with the default judge (`refusal-v1`), both on "

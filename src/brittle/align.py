@@ -11,7 +11,6 @@ default recipe on ``smollm2-135m``; it is built on first use and cached under ``
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -116,6 +115,3 @@ def safe_preset_dir(cfg: AlignConfig = AlignConfig()) -> Path:
         align_model(cfg, target, overwrite=True)
     return target
 
-
-def read_align_manifest(model_dir: str | Path) -> dict:
-    return json.loads((Path(model_dir) / "manifest.json").read_text())
