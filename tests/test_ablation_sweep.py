@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import torch
 
@@ -60,13 +62,18 @@ def test_ablate_command_end_to_end(smol_tokenizer, tmp_path):
         save_scores(tmp_path / f"{kind}.safetensors", scores, meta)
     args = ["ablate", "--model", str(tmp_path / "m"), "--safety", str(tmp_path / "safety.safetensors"),
             "--utility", str(tmp_path / "utility.safetensors"), "--sparsities", "0.05", "--n-harmful", "2",
-            "--limit", "2", "--out", str(tmp_path / "run")]
+            "--limit", "2", "--max-new-tokens", "3", "--out", str(tmp_path / "run")]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     table = pd.read_csv(tmp_path / "run" / "ablation.csv")
     assert list(table.group) == ["dense", "top_safety", "set_difference", "random", "random_magnitude"]
     assert (tmp_path / "run" / "ablation.png").exists()
+    settings = json.loads((tmp_path / "run" / "eval" / "dense" / "summary.json").read_text())["config"]
+    assert (settings["n_harmful"], settings["limit"], settings["max_new_tokens"]) == (2, 2, 3)
+    assert settings["tasks"] == ablation_eval_config().tasks  # not given: the sweep defaults
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 2 and "--force" in res.output
     bad = CliRunner().invoke(app, args[:-2] + ["--sparsities", "5", "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "fractions in (0, 1]" in bad.output
+    bad = CliRunner().invoke(app, args[:-2] + ["--max-new-tokens", "0", "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "max_new_tokens" in bad.output and not (tmp_path / "x").exists()

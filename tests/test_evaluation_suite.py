@@ -202,6 +202,8 @@ def test_bad_inputs_fail_before_model_work(tmp_path, small_sets):
         prepare_inputs(make_config(**small_sets, extra_judges=["keyword-typo"], tasks=[]))
     with pytest.raises(BrittleError, match="invalid evaluation settings: n_harmful"):
         make_config(n_harmful=0)
+    with pytest.raises(BrittleError, match="invalid evaluation settings: limit"):
+        make_config(limit=0)
     with pytest.raises(DataError, match="has no responses"):
         prepare_inputs(make_config(**{**small_sets, "perplexity_data": small_sets["benign"]}, tasks=[]))
 

@@ -66,14 +66,17 @@ ABLATION_COLUMNS = ("group", "sparsity", "p", "q", "fraction_removed", "asr_wei"
 
 
 def ablation_eval_config(**overrides):
-    """The lighter evaluation used for every point of a sweep (defaults fit a 15-minute CPU sweep on the
-    default model): 50 held-out AdvBench behaviours greedy without system prompt (both judges), 50 held-out
-    benign instructions for over-refusal, perplexity on 50 reference answers, zero-shot accuracy on
-    ARC-Easy and BoolQ (40 docs each). Every number in the table says which of these it comes from."""
+    """The lighter evaluation used for every point of a sweep (the defaults keep a 17-point sweep on the
+    default model under 15 minutes on 2 CPU cores, about 40 s per point): 50 held-out AdvBench behaviours,
+    greedy, 32 new tokens, no system prompt (both judges); 50 held-out benign instructions (32 new tokens)
+    for over-refusal; perplexity on 50 reference answers; zero-shot accuracy on ARC-Easy and PIQA (30 docs
+    each: a standard error of about 0.06 on the mean, so only large utility losses show there; perplexity
+    is the sensitive utility measure). BoolQ is left out: a 135M model scores below its majority class on it.
+    Every number in the table says which of these it comes from."""
     from .evaluation.suite import make_config
 
-    base = dict(n_harmful=50, max_new_tokens=48, n_sampled=0, n_benign=50, n_edgy=0, n_perplexity=50,
-                tasks=["arc_easy", "boolq"], limit=40, with_system_prompt=False, batch_size=32)
+    base = dict(n_harmful=50, max_new_tokens=32, n_sampled=0, n_benign=50, n_edgy=0, n_perplexity=50,
+                tasks=["arc_easy", "piqa"], limit=30, with_system_prompt=False, batch_size=32)
     base.update(overrides)
     return make_config(**base)
 

@@ -179,8 +179,9 @@ def ablate_cmd(
     sparsities: Annotated[str, typer.Option(help="Comma-separated fractions q (top-q safety).")] = "0.005,0.01,0.02,0.03",
     p: Annotated[float | None, typer.Option("--p", help="Utility fraction removed from the set difference (default p = q).")] = None,
     scope: Annotated[str, typer.Option(help="Selection scope: row | matrix | global.")] = "matrix",
-    n_harmful: Annotated[int, typer.Option(help="Held-out AdvBench behaviours per evaluation.")] = 50,
-    limit: Annotated[int, typer.Option(help="Zero-shot documents per task per evaluation.")] = 40,
+    n_harmful: Annotated[int | None, typer.Option(help="Held-out AdvBench behaviours per evaluation [default: 50].")] = None,
+    limit: Annotated[int | None, typer.Option(help="Zero-shot documents per task per evaluation (0: all) [default: 30].")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="New tokens per answer [default: 32].")] = None,
     seed: SeedOpt = 0,
     force: ForceOpt = False,
 ) -> None:
@@ -193,13 +194,18 @@ def ablate_cmd(
 
     qs = _floats(sparsities, "--sparsities")
     check_scope(scope)
+    given = {"n_harmful": n_harmful, "limit": limit, "max_new_tokens": max_new_tokens}
+    overrides = {k: v for k, v in given.items() if v is not None}  # the rest: ablation_eval_config's defaults
+    if limit == 0:
+        overrides["limit"] = None
+    ablation_eval_config(**overrides)  # bad values fail here, before the model loads
     m, tok = load_model(model)
     s_scores, s_meta = load_scores(safety, mmap=False)
     u_scores, u_meta = load_scores(utility, mmap=False)
     check_scores_match(m, s_meta, s_scores)
     check_scores_match(m, u_meta, u_scores)
     table = run_ablation(m, tok, s_scores, u_scores, qs, out, p=p, scope=scope, seed=seed,
-                         eval_config=ablation_eval_config(seed=seed, n_harmful=n_harmful, limit=limit),
+                         eval_config=ablation_eval_config(seed=seed, **overrides),
                          overwrite=force, log=typer.echo)
     typer.echo(table.to_string(index=False))
     typer.echo(f"table: {Path(out) / 'ablation.csv'} (and ablation.md); figure: {Path(out) / 'ablation.png'}")

@@ -108,6 +108,13 @@ class EvalConfig(BaseModel):
             raise ValueError("must be >= 0")
         return v
 
+    @field_validator("limit")
+    @classmethod
+    def _limit(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
+            raise ValueError("must be >= 1 (None: all documents)")
+        return v
+
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump()
 
