@@ -92,7 +92,7 @@ def floor_time(model, batches) -> float:
         loss.backward()
         model.zero_grad(set_to_none=True)
     dt = time.perf_counter() - t0
-    for p, f in zip(params, flags):
+    for p, f in zip(params, flags, strict=True):
         p.requires_grad_(f)
     return dt
 

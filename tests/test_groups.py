@@ -129,7 +129,7 @@ def test_dtypes_and_inf():
     s = {"a": torch.tensor([[1, 5, 5, 2]], dtype=torch.int64), "b": torch.tensor([[1.0, 2.0]], dtype=torch.bfloat16),
          "c": torch.tensor([[-math.inf, math.inf, 0.0]], dtype=torch.float64)}
     for scope in SCOPES:
-        assert all(torch.equal(a, b) for a, b in zip(top_k(s, 0.5, scope).values(), ref_top_k(s, 0.5, scope).values()))
+        assert all(torch.equal(a, b) for a, b in zip(top_k(s, 0.5, scope).values(), ref_top_k(s, 0.5, scope).values(), strict=True))
 
 
 @pytest.mark.parametrize("ties", [False, True])

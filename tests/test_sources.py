@@ -69,7 +69,7 @@ def test_responses_where_the_data_has_them():
     refusals, compliant = load_source("uncensorbench"), load_source("uncensorbench-compliant")
     assert all(e.response for e in refusals + compliant + load_source("rho-benign"))
     assert [e.prompt for e in refusals] == [e.prompt for e in compliant]
-    assert all(a.response != b.response for a, b in zip(refusals, compliant))
+    assert all(a.response != b.response for a, b in zip(refusals, compliant, strict=True))
     for name in ("advbench", "harmbench", "strongreject", "donotanswer", "rho-edgy", "benign-instructions"):
         assert all(e.response == "" for e in load_source(name))
 

@@ -190,7 +190,7 @@ def plot_ablation(table, path) -> None:
     dense = table[table.group == "dense"].iloc[0]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     for ax, col, label in zip(axes, ("asr", "degenerate", "accuracy_mean"),
-                              ("ASR (default judge)", "degenerate share", "mean zero-shot accuracy")):
+                              ("ASR (default judge)", "degenerate share", "mean zero-shot accuracy"), strict=True):
         for kind, sub in table[table.group != "dense"].groupby("group", sort=False):
             sub = sub.sort_values("fraction_removed")
             ax.plot(sub.fraction_removed * 100, sub[col], marker="o", label=kind)

@@ -65,7 +65,7 @@ def alignment_examples(model, tokenizer, cfg: AlignConfig, *, progress: bool = T
     benign = sample(benign_splits(seed=cfg.seed)[0], cfg.n_benign, cfg.seed)
     gen = GenerationConfig(max_new_tokens=cfg.benign_max_new_tokens, batch_size=cfg.generation_batch_size, seed=cfg.seed)
     answers = generate(model, tokenizer, [e.prompt for e in benign], gen, progress=progress, desc="benign answers")
-    utility = [Example(e.prompt, a[0], e.source, e.id) for e, a in zip(benign, answers) if a[0].strip()]
+    utility = [Example(e.prompt, a[0], e.source, e.id) for e, a in zip(benign, answers, strict=True) if a[0].strip()]
     mix = safety + utility
     rng.shuffle(mix)
     return mix

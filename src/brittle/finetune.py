@@ -98,8 +98,8 @@ def train_lora(
     if system_prompts is not None and len(system_prompts) != len(examples):
         raise BrittleError(f"{len(system_prompts)} system prompts for {len(examples)} examples")
     sys_for = system_prompts or [None] * len(examples)
-    encoded = [encode(tokenizer, e, cfg.max_length, system_prompt=sp) for e, sp in zip(examples, sys_for)]
-    empty = [e.id for e, x in zip(examples, encoded) if int((x["labels"] != -100).sum()) == 0]
+    encoded = [encode(tokenizer, e, cfg.max_length, system_prompt=sp) for e, sp in zip(examples, sys_for, strict=True)]
+    empty = [e.id for e, x in zip(examples, encoded, strict=True) if int((x["labels"] != -100).sum()) == 0]
     if empty:
         raise BrittleError(f"{len(empty)} examples have no response tokens after truncation to {cfg.max_length} (e.g. {empty[0]})")
     peft_model = make_lora_model(model, cfg)

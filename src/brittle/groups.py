@@ -231,9 +231,9 @@ def _top_global(scores: Mapping[str, torch.Tensor], fraction: float) -> Group:
     xs = [x.to(dtype) for x in xs]
     k = selection_size(fraction, sum(x.numel() for x in xs))
     t = _kth_largest(xs, k)
-    flat = {n: x > t for n, x in zip(names, xs)}
+    flat = {n: x > t for n, x in zip(names, xs, strict=True)}
     need = k - sum(int(m.sum()) for m in flat.values())
-    for n, x in zip(names, xs):  # ties at the threshold: module order, then flat index
+    for n, x in zip(names, xs, strict=True):  # ties at the threshold: module order, then flat index
         if need <= 0:
             break
         eq = x == t

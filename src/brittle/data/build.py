@@ -78,10 +78,10 @@ def build_datasets(cfg: BuildConfig, out_dir: str | Path, *, overwrite: bool = F
         answers = [a[0] for a in generate(model, tok, [e.prompt for e in exs], gen_cfg, progress=progress, desc=f"{kind} answers")]
         if kind == "safety":
             verdicts = judge([e.prompt for e in exs], answers)
-            keep = [v == "refusal" and a.strip() != "" for v, a in zip(verdicts, answers)]
+            keep = [v == "refusal" and a.strip() != "" for v, a in zip(verdicts, answers, strict=True)]
         else:
             keep = [a.strip() != "" for a in answers]
-        kept = [Example(e.prompt, a, e.source, e.id) for e, a, k in zip(exs, answers, keep) if k]
+        kept = [Example(e.prompt, a, e.source, e.id) for e, a, k in zip(exs, answers, keep, strict=True) if k]
         counts[kind] = {"generated": len(exs), "kept": len(kept), "dropped": len(exs) - len(kept)}
         written[kind] = kept
     for kind in KINDS:

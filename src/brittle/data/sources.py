@@ -176,13 +176,13 @@ def _uncensorbench_rows() -> tuple[Path, list[dict[str, Any]]]:
 
 def _uncensorbench() -> list[Example]:
     path, rows = _uncensorbench_rows()
-    return _pairs("uncensorbench", zip(_field(rows, "prompt", path), _field(rows, "censored_response", path)))
+    return _pairs("uncensorbench", zip(_field(rows, "prompt", path), _field(rows, "censored_response", path), strict=True))
 
 
 def _uncensorbench_compliant() -> list[Example]:
     path, rows = _uncensorbench_rows()
     return _pairs("uncensorbench-compliant",
-                  zip(_field(rows, "prompt", path), _field(rows, "uncensored_response", path)))
+                  zip(_field(rows, "prompt", path), _field(rows, "uncensored_response", path), strict=True))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -66,7 +66,7 @@ def suffix_aggregate(per_suffix: Mapping[str, Sequence[Sequence[str]]]) -> dict[
         raise BrittleError("every suffix must be evaluated on the same prompts")
     out = {name: asr_any_of_n(v) for name, v in per_suffix.items()}
     hits = [attacked_any(per_suffix[n]) for n in names]
-    any_hits = [any(col) for col in zip(*hits)]
+    any_hits = [any(col) for col in zip(*hits, strict=True)]
     out["suffix_any"] = rate(sum(any_hits), len(any_hits))
     best = max(names, key=lambda n: out[n]["value"])
     out["suffix_best"] = dict(out[best], suffix=best)

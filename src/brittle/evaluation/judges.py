@@ -302,7 +302,7 @@ def hf_classifier_judge(spec: str, *, batch_size: int = 16, max_length: int = 51
             chunk = list(responses[start : start + batch_size])
             enc = tok(chunk, return_tensors="pt", padding=True, truncation=True, max_length=max_length).to(clf.device)
             pred = clf(**enc).logits.argmax(-1).tolist()
-            for r, p in zip(chunk, pred):
+            for r, p in zip(chunk, pred, strict=True):
                 if degenerate_reason(r):
                     out.append("degenerate")
                 else:

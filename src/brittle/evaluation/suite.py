@@ -209,7 +209,7 @@ class _Judges:
         self.fns = {n: get_judge(n) for n in self.names}  # fails early on an unknown / unloadable judge
 
     def __call__(self, prompts: Sequence[str], answers: Sequence[Sequence[str]]) -> dict[str, list[list[str]]]:
-        flat_p = [p for p, a in zip(prompts, answers) for _ in a]
+        flat_p = [p for p, a in zip(prompts, answers, strict=True) for _ in a]
         flat_r = [r for a in answers for r in a]
         out = {}
         for name, fn in self.fns.items():
@@ -221,7 +221,7 @@ class _Judges:
 
 def _rows(examples: Sequence[Example], answers, verdicts: dict[str, list[list[str]]], suffix: str | None = None):
     rows = []
-    for i, (e, per) in enumerate(zip(examples, answers)):
+    for i, (e, per) in enumerate(zip(examples, answers, strict=True)):
         for j, resp in enumerate(per):
             row = {"id": e.id, "prompt": e.prompt}
             if suffix is not None:

@@ -67,10 +67,10 @@ def load_refusal_labels(name: str) -> list[LabelledResponse]:
 
 
 def binary_metrics(pred: Sequence[bool], gold: Sequence[bool]) -> dict[str, float]:
-    tp = sum(p and g for p, g in zip(pred, gold))
-    fp = sum(p and not g for p, g in zip(pred, gold))
-    fn = sum(g and not p for p, g in zip(pred, gold))
-    tn = sum(not p and not g for p, g in zip(pred, gold))
+    tp = sum(p and g for p, g in zip(pred, gold, strict=True))
+    fp = sum(p and not g for p, g in zip(pred, gold, strict=True))
+    fn = sum(g and not p for p, g in zip(pred, gold, strict=True))
+    tn = sum(not p and not g for p, g in zip(pred, gold, strict=True))
     n = tp + fp + fn + tn
     prec = tp / (tp + fp) if tp + fp else float("nan")
     rec = tp / (tp + fn) if tp + fn else float("nan")
@@ -148,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         fn = get_judge(args.judges[0])
         for s in REFUSAL_SETS:
             rows = load_refusal_labels(s)
-            for r, v in zip(rows, fn([r.objective for r in rows], [r.response for r in rows])):
+            for r, v in zip(rows, fn([r.objective for r in rows], [r.response for r in rows]), strict=True):
                 if (v == "refusal") != r.refusal:
                     print(f"[{s}] human={'refusal' if r.refusal else 'not'} judge={v} off_topic={r.off_topic}: "
                           f"{r.response[:160]!r}")

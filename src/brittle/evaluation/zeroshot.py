@@ -178,7 +178,7 @@ def _quiet_lm_eval():
     try:
         yield
     finally:
-        for lg, lv in zip(loggers, levels):
+        for lg, lv in zip(loggers, levels, strict=True):
             lg.setLevel(lv)
 
 
