@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 
 import pandas as pd
+import pytest
 import torch
 
-from brittle.ablation import ABLATION_COLUMNS, ablation_eval_config, run_ablation
-from brittle.groups import load_group
+from brittle.ablation import ABLATION_COLUMNS, PAPER_PQ_PAIRS, ablation_eval_config, run_ablation, sweep_points
+from brittle.groups import GroupError, load_group
+from brittle.io import BrittleError
 from brittle.models import linear_modules, linear_weight
 from brittle.testing import tiny_model
 
@@ -21,8 +23,8 @@ def test_sweep_writes_table_figure_and_groups_and_restores_the_model(smol_tokeni
     safety = {n: w.abs() * torch.rand(w.shape, generator=g) for n, w in weights.items()}
     utility = {n: w.abs() * torch.rand(w.shape, generator=g) for n, w in weights.items()}
     cfg = ablation_eval_config(n_harmful=4, max_new_tokens=4, n_benign=3, n_perplexity=3, tasks=[])
-    table = run_ablation(model, smol_tokenizer, safety, utility, [0.01, 0.05], tmp_path, progress=False, log=lambda s: None,
-                         eval_config=cfg)
+    table = run_ablation(model, smol_tokenizer, safety, utility, sweep_points([0.01, 0.05]), tmp_path, progress=False,
+                         log=lambda s: None, eval_config=cfg)
     assert list(table.columns) == list(ABLATION_COLUMNS)
     assert len(table) == 1 + 4 * 2 and table.iloc[0].group == "dense" and table.iloc[0].fraction_removed == 0
     on_disk = pd.read_csv(tmp_path / "ablation.csv")
@@ -41,6 +43,42 @@ def test_sweep_writes_table_figure_and_groups_and_restores_the_model(smol_tokeni
         assert sum(int(m.sum()) for m in sd.values()) > 0
     assert all(0 <= x <= 1 for x in table.asr) and all(0 <= x <= 1 for x in table.asr_wei)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def _random_scores(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    return {n: linear_weight(m).detach().abs() * torch.rand(linear_weight(m).shape, generator=g)
+            for n, m in linear_modules(model).items()}
+
+
+def test_sweep_over_pq_pairs_measures_top_safety_once_per_q(smol_tokenizer, tmp_path):
+    model = tiny_model("llama", vocab_size=len(smol_tokenizer))
+    safety, utility = _random_scores(model, 0), _random_scores(model, 1)
+    cfg = ablation_eval_config(n_harmful=2, max_new_tokens=2, n_benign=2, n_perplexity=2, tasks=[])
+    points = [(0.05, 0.05), (0.2, 0.05), (0.1, 0.1)]
+    table = run_ablation(model, smol_tokenizer, safety, utility, points, tmp_path, progress=False, log=lambda s: None,
+                         eval_config=cfg)
+    tops = table[table.group == "top_safety"]
+    assert list(tops.q) == [0.05, 0.1] and tops.p.isna().all()  # top-q safety does not depend on p
+    sd = table[table.group == "set_difference"]
+    assert list(zip(sd.p, sd.q, strict=True)) == points
+    # removing more utility weights (larger p) leaves a smaller set difference
+    assert sd.fraction_removed.iloc[1] < sd.fraction_removed.iloc[0]
+    names = sorted(f.stem for f in (tmp_path / "groups").glob("set_difference*"))
+    assert names == ["set_difference-0.05", "set_difference-0.1", "set_difference-p0.2-q0.05"]
+    assert (tmp_path / "eval" / "random_magnitude-p0.2-q0.05" / "summary.json").exists()
+    with pytest.raises(GroupError, match="q must satisfy"):
+        run_ablation(model, smol_tokenizer, safety, utility, [(0.05, 5)], tmp_path / "bad", eval_config=cfg)
+
+
+def test_pq_option_parsing():
+    from brittle.cli import _pq_pairs
+
+    assert _pq_pairs("paper-llama2-7b") == list(PAPER_PQ_PAIRS) and len(PAPER_PQ_PAIRS) == 10
+    assert _pq_pairs("0.02:0.01, 0.04:0.02") == [(0.02, 0.01), (0.04, 0.02)]
+    for bad, msg in (("0.02", "not a 'p:q' pair"), ("0.02:0.01:3", "not a 'p:q' pair"), ("2:1", "fractions in")):
+        with pytest.raises(BrittleError, match=msg):
+            _pq_pairs(bad)
 
 
 def test_ablate_command_end_to_end(smol_tokenizer, tmp_path):
@@ -75,5 +113,7 @@ def test_ablate_command_end_to_end(smol_tokenizer, tmp_path):
     assert res.exit_code == 2 and "--force" in res.output
     bad = CliRunner().invoke(app, args[:-2] + ["--sparsities", "5", "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "fractions in (0, 1]" in bad.output
+    bad = CliRunner().invoke(app, args[:-2] + ["--pq", "0.1:0.05", "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "either --pq or --sparsities" in bad.output
     bad = CliRunner().invoke(app, args[:-2] + ["--max-new-tokens", "0", "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "max_new_tokens" in bad.output and not (tmp_path / "x").exists()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -58,8 +58,14 @@ def fraction_removed(model: torch.nn.Module, group: Mapping[str, torch.Tensor]) 
 # The ablation experiment: sweep sparsities, remove each group kind, measure safety and utility.
 
 GROUP_KINDS = ("top_safety", "set_difference", "random", "random_magnitude")
-# The paper's set-difference grid (Wei et al. 2024, Fig. 3): utility p and safety q, in fractions.
-PAPER_PQ_GRID = tuple((p, q) for p in (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5) for q in (0.01, 0.02, 0.05, 0.1))
+# (p, q) set-difference pairs (utility p, safety q; fractions) that a third-party reproduction of Wei et al.
+# (2024) lists as the paper's Llama-2-7B-chat settings, in % (1,1) (2,1) (4,2) (7,3) (3,2) (4,4) (5,5) (6,5)
+# (6,6) (9,8). Not checked against the paper's own text, which is not available offline.
+PAPER_PQ_PAIRS: tuple[tuple[float, float], ...] = (
+    (0.01, 0.01), (0.02, 0.01), (0.04, 0.02), (0.07, 0.03), (0.03, 0.02),
+    (0.04, 0.04), (0.05, 0.05), (0.06, 0.05), (0.06, 0.06), (0.09, 0.08),
+)
+PQ_PRESETS: dict[str, tuple[tuple[float, float], ...]] = {"paper-llama2-7b": PAPER_PQ_PAIRS}
 ABLATION_COLUMNS = ("group", "sparsity", "p", "q", "fraction_removed", "asr_wei", "asr", "asr_ci95_low",
                     "asr_ci95_high", "degenerate", "refusal", "over_refusal", "degenerate_benign", "perplexity",
                     "accuracy_mean", "n_harmful")
@@ -81,18 +87,30 @@ def ablation_eval_config(**overrides):
     return make_config(**base)
 
 
-def sweep_groups(safety, utility, weights, sparsity: float, p: float | None, scope: str, seed: int) -> dict:
-    """The four groups of one sweep point: top-s safety, S(p, q=s) (p = s when None: the paper's diagonal),
-    and random / magnitude-matched random controls sized like that set difference (per module)."""
+def sweep_points(sparsities: Sequence[float], p: float | None = None) -> list[tuple[float, float]]:
+    """The (p, q) pairs of a sparsity sweep: q = s for each sparsity s, p = s (the paper's diagonal) or the
+    given p for every point."""
+    return [(s if p is None else p, s) for s in sparsities]
+
+
+def sweep_groups(safety, utility, weights, p: float, q: float, scope: str, seed: int) -> dict:
+    """The four groups of one sweep point: top-q safety, the set difference S(p, q) = top-q(safety) minus
+    top-p(utility), and random / magnitude-matched random controls sized like that set difference (per module)."""
     from .groups import magnitude_matched_random, random_like, set_difference, top_k
 
-    sd = set_difference(safety, utility, p=sparsity if p is None else p, q=sparsity, scope=scope)
+    sd = set_difference(safety, utility, p=p, q=q, scope=scope)
     return {
-        "top_safety": top_k(safety, sparsity, scope),
+        "top_safety": top_k(safety, q, scope),
         "set_difference": sd,
         "random": random_like(sd, seed),
         "random_magnitude": magnitude_matched_random(sd, weights, seed),
     }
+
+
+def point_label(kind: str, p: float, q: float) -> str:
+    """File/directory stem of one group: ``<kind>-<q>`` on the diagonal (and for top_safety, which depends on
+    q only), ``<kind>-p<p>-q<q>`` otherwise."""
+    return f"{kind}-{q:g}" if kind == "top_safety" or p == q else f"{kind}-p{p:g}-q{q:g}"
 
 
 def _row(kind: str, sparsity: float | None, p: float | None, frac: float, summary: dict) -> dict:
@@ -108,17 +126,24 @@ def _row(kind: str, sparsity: float | None, p: float | None, frac: float, summar
     }
 
 
-def run_ablation(model, tokenizer, safety, utility, sparsities, out_dir, *, p: float | None = None,
+def run_ablation(model, tokenizer, safety, utility, points: Sequence[tuple[float, float]], out_dir, *,
                  scope: str = "matrix", seed: int = 0, eval_config=None, kinds=GROUP_KINDS,
                  overwrite: bool = False, progress: bool = True, log=print):
-    """Evaluate the dense model and every (group kind, sparsity); write ``ablation.csv``/``.md``, a figure,
-    the groups and per-point evaluation directories. Returns the table as a pandas DataFrame."""
+    """Evaluate the dense model and every (group kind, (p, q) point); write ``ablation.csv``/``.md``, a figure,
+    the groups and per-point evaluation directories. Returns the table as a pandas DataFrame.
+
+    ``points`` are (p, q) pairs: :func:`sweep_points` for a sparsity sweep, or a preset of
+    :data:`PQ_PRESETS`. ``top_safety`` depends on q only and is evaluated once per distinct q.
+    """
     import pandas as pd
 
     from .evaluation.suite import evaluate_model
-    from .groups import save_group
+    from .groups import check_fraction, save_group
     from .io import write_text
 
+    points = [(check_fraction(p, "p"), check_fraction(q, "q")) for p, q in points]
+    if not points:
+        raise BrittleError("no sweep points given")
     out_dir = Path(out_dir)
     if (out_dir / "ablation.csv").exists() and not overwrite:
         from .io import ExistsError
@@ -130,19 +155,24 @@ def run_ablation(model, tokenizer, safety, utility, sparsities, out_dir, *, p: f
     log("[ablation] dense model")
     dense = evaluate_model(model, tokenizer, out_dir / "eval" / "dense", cfg, overwrite=True, progress=progress)
     rows.append(_row("dense", None, None, 0.0, dense))
-    for s in sparsities:
-        groups = sweep_groups(safety, utility, weights, s, p, scope, seed)
+    done: set[str] = set()
+    for p, q in points:
+        groups = sweep_groups(safety, utility, weights, p, q, scope, seed)
         for kind in kinds:
+            label = point_label(kind, p, q)
+            if label in done:  # top_safety at a q already measured, or a repeated point
+                continue
+            done.add(label)
             group = groups[kind]
             frac = fraction_removed(model, group)
-            save_group(out_dir / "groups" / f"{kind}-{s:g}.safetensors", group,
-                       {"definition": kind, "sparsity": str(s), "p": str(s if p is None else p), "scope": scope,
-                        "seed": str(seed)}, overwrite=True)
-            log(f"[ablation] {kind} s={s:g}: removing {frac:.4%} of the scored weights")
+            save_group(out_dir / "groups" / f"{label}.safetensors", group,
+                       {"definition": kind, "p": str(p), "q": str(q), "scope": scope, "seed": str(seed)},
+                       overwrite=True)
+            log(f"[ablation] {kind} p={p:g} q={q:g}: removing {frac:.4%} of the scored weights")
             with ablated(model, group):
-                summary = evaluate_model(model, tokenizer, out_dir / "eval" / f"{kind}-{s:g}", cfg, overwrite=True,
+                summary = evaluate_model(model, tokenizer, out_dir / "eval" / label, cfg, overwrite=True,
                                          progress=progress)
-            rows.append(_row(kind, s, s if p is None else p, frac, summary))
+            rows.append(_row(kind, q, None if kind == "top_safety" else p, frac, summary))
             # write as we go: a long sweep that dies keeps what it measured
             table = pd.DataFrame(rows, columns=list(ABLATION_COLUMNS))
             table.to_csv(out_dir / "ablation.partial.csv", index=False)

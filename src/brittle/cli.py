@@ -169,6 +169,23 @@ def _floats(text: str, what: str) -> tuple[float, ...]:
     return values
 
 
+def _pq_pairs(text: str) -> list[tuple[float, float]]:
+    """--pq: a preset name or comma-separated 'p:q' pairs of fractions."""
+    from .ablation import PQ_PRESETS
+
+    if text in PQ_PRESETS:
+        return list(PQ_PRESETS[text])
+    pairs = []
+    for item in text.split(","):
+        parts = item.strip().split(":")
+        if len(parts) != 2:
+            raise BrittleError(f"--pq must be a preset ({', '.join(PQ_PRESETS)}) or comma-separated 'p:q' pairs "
+                               f"such as 0.01:0.01,0.02:0.01; '{item.strip()}' is not a 'p:q' pair")
+        p, q = _floats(",".join(parts), "--pq")
+        pairs.append((p, q))
+    return pairs
+
+
 @app.command("ablate")
 @user_errors
 def ablate_cmd(
@@ -176,8 +193,9 @@ def ablate_cmd(
     utility: Annotated[Path, typer.Option("--utility", help="Utility score file (same model).")],
     out: OutOpt,
     model: ModelOpt = "smollm2-135m-safe",
-    sparsities: Annotated[str, typer.Option(help="Comma-separated fractions q (top-q safety).")] = "0.005,0.01,0.02,0.03",
+    sparsities: Annotated[str | None, typer.Option(help="Comma-separated fractions q (top-q safety) [default: 0.005,0.01,0.02,0.03].")] = None,
     p: Annotated[float | None, typer.Option("--p", help="Utility fraction removed from the set difference (default p = q).")] = None,
+    pq: Annotated[str | None, typer.Option("--pq", help="Set-difference (p, q) pairs instead of --sparsities/--p: 'p:q,p:q,...' or a preset (paper-llama2-7b).")] = None,
     scope: Annotated[str, typer.Option(help="Selection scope: row | matrix | global.")] = "matrix",
     n_harmful: Annotated[int | None, typer.Option(help="Held-out AdvBench behaviours per evaluation [default: 50].")] = None,
     limit: Annotated[int | None, typer.Option(help="Zero-shot documents per task per evaluation (0: all) [default: 30].")] = None,
@@ -185,14 +203,17 @@ def ablate_cmd(
     seed: SeedOpt = 0,
     force: ForceOpt = False,
 ) -> None:
-    """Remove each group (top safety, set difference, random, magnitude-matched random) at each sparsity;
-    measure ASR, degenerate share, over-refusal, perplexity and accuracy -> ablation.csv/.md/.png."""
-    from .ablation import ablation_eval_config, run_ablation
+    """Remove each group (top safety, set difference, random, magnitude-matched random) at each sparsity
+    (or each --pq pair); measure ASR, degenerate share, over-refusal, perplexity and accuracy ->
+    ablation.csv/.md/.png."""
+    from .ablation import ablation_eval_config, run_ablation, sweep_points
     from .groups import check_scope
     from .models import load_model
     from .scoring import check_scores_match, load_scores
 
-    qs = _floats(sparsities, "--sparsities")
+    if pq is not None and (sparsities is not None or p is not None):
+        raise BrittleError("give either --pq or --sparsities/--p, not both")
+    points = _pq_pairs(pq) if pq is not None else sweep_points(_floats(sparsities or "0.005,0.01,0.02,0.03", "--sparsities"), p)
     check_scope(scope)
     given = {"n_harmful": n_harmful, "limit": limit, "max_new_tokens": max_new_tokens}
     overrides = {k: v for k, v in given.items() if v is not None}  # the rest: ablation_eval_config's defaults
@@ -204,7 +225,7 @@ def ablate_cmd(
     u_scores, u_meta = load_scores(utility, mmap=False)
     check_scores_match(m, s_meta, s_scores)
     check_scores_match(m, u_meta, u_scores)
-    table = run_ablation(m, tok, s_scores, u_scores, qs, out, p=p, scope=scope, seed=seed,
+    table = run_ablation(m, tok, s_scores, u_scores, points, out, scope=scope, seed=seed,
                          eval_config=ablation_eval_config(seed=seed, **overrides),
                          overwrite=force, log=typer.echo)
     typer.echo(table.to_string(index=False))

@@ -35,7 +35,7 @@ class AblationExperiment:
 
 def run_ablation_experiment(cfg: AblationExperiment, out: str | Path, *, force: bool = False, echo=print) -> dict[str, Path]:
     """Run (or resume) the ablation experiment; returns the paths of its main outputs."""
-    from .ablation import ablation_eval_config, run_ablation
+    from .ablation import ablation_eval_config, run_ablation, sweep_points
     from .data.build import default_build_dir, resolve_dataset
     from .groups import build_groups
     from .models import load_model
@@ -66,7 +66,7 @@ def run_ablation_experiment(cfg: AblationExperiment, out: str | Path, *, force: 
     utility, _ = load_scores(paths["utility"], mmap=False)
     ab_dir = out / "ablation"
     if force or not (ab_dir / "ablation.csv").exists():
-        run_ablation(model, tok, safety, utility, cfg.sparsities, ab_dir, p=cfg.p, scope=cfg.scope, seed=cfg.seed,
+        run_ablation(model, tok, safety, utility, sweep_points(cfg.sparsities, cfg.p), ab_dir, scope=cfg.scope, seed=cfg.seed,
                      eval_config=ablation_eval_config(seed=cfg.seed, **cfg.eval_overrides), overwrite=True, log=echo)
     else:
         echo(f"      reusing {ab_dir / 'ablation.csv'}")
