@@ -238,13 +238,17 @@ def demo_cmd(
     out: OutOpt = Path("runs/demo"),
     model: ModelOpt = "smollm2-135m-safe",
     sparsities: Annotated[str, typer.Option(help="Comma-separated fractions q.")] = "0.0025,0.005,0.01,0.02",
+    safety_data: Annotated[str, typer.Option(help="Safety calibration data: 'safety' (the model's own refusals, built and cached on first use), a source name, or a .jsonl/.csv file.")] = "safety",
+    utility_data: Annotated[str, typer.Option(help="Utility calibration data: 'utility' (the model's own benign answers), a source name, or a .jsonl/.csv file.")] = "utility",
     seed: SeedOpt = 0,
     force: ForceOpt = False,
 ) -> None:
-    """The main job: aligned model -> own safety/utility sets -> SNIP scores -> groups -> ablation sweep."""
+    """The main job: aligned model -> own safety/utility sets -> SNIP scores -> groups -> ablation sweep.
+    Reruns into the same --out reuse finished stages made with the same settings."""
     from .pipeline import AblationExperiment, run_ablation_experiment
 
-    cfg = AblationExperiment(model=model, sparsities=_floats(sparsities, "--sparsities"), seed=seed)
+    cfg = AblationExperiment(model=model, sparsities=_floats(sparsities, "--sparsities"), seed=seed,
+                             safety_data=safety_data, utility_data=utility_data)
     run_ablation_experiment(cfg, out, force=force, echo=typer.echo)
 
 
