@@ -57,4 +57,7 @@ def test_experiment_refuses_to_reuse_a_sweep_made_with_other_settings(setup):
     with pytest.raises(BrittleError, match=r"ablation was made with other settings \(points\).*--force"):
         run_ablation_experiment(other, out, echo=lambda s: None)
     run_ablation_experiment(other, out, force=True, echo=lambda s: None)
+    (out / "groups" / "stage.json").unlink()  # e.g. a run directory from before these records
+    with pytest.raises(BrittleError, match=r"groups has no record of the settings"):
+        run_ablation_experiment(other, out, echo=lambda s: None)
     assert list(pd.read_csv(out / "ablation" / "ablation.csv").sparsity.dropna().unique()) == [0.1]

@@ -54,11 +54,14 @@ def _reuse_stage(directory: Path, marker: Path, settings: dict, force: bool) -> 
     if force or not marker.exists():
         return False
     record = directory / STAGE_FILE
-    old = json.loads(record.read_text(encoding="utf-8")) if record.exists() else {}
+    if not record.exists():
+        raise BrittleError(f"{directory} has no record of the settings it was made with ({record} is missing: made "
+                           f"by an older brittle?); pass --force to recompute it, or choose another --out")
+    old = json.loads(record.read_text(encoding="utf-8"))
     if old == settings:
         return True
     diff = sorted(k for k in settings.keys() | old.keys() if old.get(k) != settings.get(k))
-    raise BrittleError(f"{directory} was made with other settings ({', '.join(diff) or 'no record'}); "
+    raise BrittleError(f"{directory} was made with other settings ({', '.join(diff)}); "
                        f"pass --force to recompute it, or choose another --out")
 
 
