@@ -117,3 +117,17 @@ def test_ablate_command_end_to_end(smol_tokenizer, tmp_path):
     assert bad.exit_code == 2 and "either --pq or --sparsities" in bad.output
     bad = CliRunner().invoke(app, args[:-2] + ["--max-new-tokens", "0", "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "max_new_tokens" in bad.output and not (tmp_path / "x").exists()
+
+
+def test_ablate_help_shows_the_sweep_defaults():
+    from typer.testing import CliRunner
+
+    from brittle.cli import app
+
+    res = CliRunner().invoke(app, ["ablate", "--help"], env={"COLUMNS": "250"})
+    assert res.exit_code == 0
+    text = " ".join(res.output.split())
+    for default in ("(default: 0.005,0.01,0.02,0.03)", "(default: 50)", "(default: 30)", "(default: 32)"):
+        assert default in text
+    cfg = ablation_eval_config()  # the help must say what the sweep really uses
+    assert (cfg.n_harmful, cfg.limit, cfg.max_new_tokens) == (50, 30, 32)
