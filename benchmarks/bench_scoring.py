@@ -16,6 +16,11 @@ Usage::
 
     .venv/bin/python benchmarks/bench_scoring.py                 # defaults below
     .venv/bin/python benchmarks/bench_scoring.py --data safety   # force the built safety set (builds it if missing)
+    # GPU, a randomly initialised Llama-3.2-1B-shaped model (no download), bf16, data and tokenizer from files:
+    python benchmarks/bench_scoring.py --device cuda --dtype bfloat16 --model random:llama-1b \
+        --tokenizer DIR --data FILE.jsonl --batch-size 8
+
+Timings synchronise the device before reading the clock.
 """
 
 from __future__ import annotations
@@ -37,6 +42,50 @@ from brittle.scoring import _loss, compute_scores, load_scores, save_scores, sco
 
 FIXED_REFUSAL = ("I'm sorry, but I can't help with that. This request could cause serious harm, so I won't provide "
                  "instructions or details. If you have another question, I'm happy to help.")
+
+
+# Randomly initialised models for timing at scale without downloading weights (shapes of public models).
+RANDOM_MODELS = {  # LlamaConfig fields; the vocabulary is the tokenizer's; embeddings tied as in both originals
+    "llama-1b": dict(hidden_size=2048, num_hidden_layers=16, intermediate_size=8192, num_attention_heads=32,
+                     num_key_value_heads=8),  # Llama-3.2-1B shapes
+    "llama-135m": dict(hidden_size=576, num_hidden_layers=30, intermediate_size=1536, num_attention_heads=9,
+                       num_key_value_heads=3),  # SmolLM2-135M shapes
+}
+
+
+def load_bench_model(spec: str, tokenizer: str | None, dtype: torch.dtype, device: str):
+    """``random:<name>`` (see RANDOM_MODELS; tokenizer from ``tokenizer`` or the default preset) or anything
+    ``brittle.models.load_model`` takes."""
+    if not spec.startswith("random:"):
+        return load_model(spec, dtype=dtype, device=device)
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    from brittle.models import resolve_model_path
+
+    name = spec.split(":", 1)[1]
+    if name not in RANDOM_MODELS:
+        raise SystemExit(f"unknown random model '{name}' (known: {', '.join(RANDOM_MODELS)})")
+    tok = AutoTokenizer.from_pretrained(tokenizer or resolve_model_path("smollm2-135m"))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), max_position_embeddings=4096, tie_word_embeddings=True,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      **RANDOM_MODELS[name])
+    with torch.device(device):  # initialise where it will run (CPU init of 1B parameters takes ~1 min)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa").eval()
+    return model, tok
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def gpu_peak_mb(device) -> str:
+    if torch.device(device).type != "cuda":
+        return ""
+    return f"; peak GPU memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB"
 
 
 def peak_rss_mb() -> float:
@@ -68,10 +117,11 @@ def load_data(spec: str, model: str, seed: int, model_and_tokenizer):
     return load_file(spec, require_response=True), f"file {spec}"
 
 
-def batches_of(tok, examples, batch_size, max_length):
+def batches_of(tok, examples, batch_size, max_length, device="cpu"):
     enc = [encode(tok, e, max_length) for e in examples]
     order = sorted(range(len(enc)), key=lambda i: (-len(enc[i]["input_ids"]), i))  # as compute_scores does
-    return [pad_batch([enc[i] for i in order[s:s + batch_size]], tok.pad_token_id, side="right")
+    return [{k: v.to(device) for k, v in pad_batch([enc[i] for i in order[s:s + batch_size]], tok.pad_token_id,
+                                                   side="right").items()}
             for s in range(0, len(order), batch_size)]
 
 
@@ -81,6 +131,8 @@ def floor_time(model, batches) -> float:
     flags = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(True)
+    device = batches[0]["input_ids"].device
+    sync(device)
     t0 = time.perf_counter()
     for b in batches:
         labels = b["labels"]
@@ -91,6 +143,7 @@ def floor_time(model, batches) -> float:
                      1.0 / mask.sum(1).float(), True)
         loss.backward()
         model.zero_grad(set_to_none=True)
+    sync(device)
     dt = time.perf_counter() - t0
     for p, f in zip(params, flags, strict=True):
         p.requires_grad_(f)
@@ -103,9 +156,11 @@ def paper_snip_layers(model, tok, examples, layers, max_length):
     chosen = {n: m for n, m in mods.items() if int(n.split(".")[1]) in layers}
     for p in model.parameters():
         p.requires_grad_(False)
-    enc = [encode(tok, e, max_length) for e in examples]
+    device = next(model.parameters()).device
+    enc = [{k: v.to(device) for k, v in encode(tok, e, max_length).items()} for e in examples]
     acc = {n: torch.zeros_like(linear_weight(m), dtype=torch.float32) for n, m in chosen.items()}
     passes = 0
+    sync(device)
     t0 = time.perf_counter()
     for layer in layers:
         group = {n: m for n, m in chosen.items() if int(n.split(".")[1]) == layer}
@@ -117,13 +172,14 @@ def paper_snip_layers(model, tok, examples, layers, max_length):
             loss.backward()
             for n, m in group.items():
                 g = m.weight.grad
-                acc[n] += (g.t() if is_conv1d(m) else g).abs()
+                acc[n] += (g.t() if is_conv1d(m) else g).abs().float()
             passes += 1
         for m in group.values():
             m.weight.requires_grad_(False)
             m.weight.grad = None
+    sync(device)
     dt = time.perf_counter() - t0
-    scores = {n: linear_weight(m).detach().abs() * acc[n] for n, m in chosen.items()}
+    scores = {n: (linear_weight(m).detach().abs().float() * acc[n]).cpu() for n, m in chosen.items()}
     return scores, dt, passes
 
 
@@ -139,46 +195,59 @@ def main(argv=None) -> int:
     ap.add_argument("--baseline-examples", type=int, default=16, help="examples run with the paper's algorithm")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--skip-wanda", action="store_true")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    ap.add_argument("--dtype", default="float32", help="model dtype: float32 | bfloat16 | float16")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer directory for --model random:<name>")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    dtype = getattr(torch, args.dtype)
     t0 = time.perf_counter()
-    model, tok = load_model(args.model)
+    model, tok = load_bench_model(args.model, args.tokenizer, dtype, args.device)
     load_s = time.perf_counter() - t0
+    dev = args.device
     n_layers = len(decoder_layers(model))
     n_weights = sum(linear_weight(m).numel() for m in linear_modules(model).values())
     all_examples, data_desc = load_data(args.data, args.model, args.seed, (model, tok))
     examples = sample(all_examples, args.nsamples, args.seed)
     print(f"# brittle scoring benchmark\ncommand: {' '.join([Path(sys.executable).name] + sys.argv)}")
-    print(f"model: {args.model} ({n_layers} layers, {n_weights / 1e6:.1f}M scored weights, fp32, loaded in {load_s:.1f}s)")
+    print(f"model: {args.model} ({n_layers} layers, {n_weights / 1e6:.1f}M scored weights, {args.dtype}, "
+          f"loaded in {load_s:.1f}s)")
     print(f"data: {len(examples)} examples of {data_desc}")
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpus {os.cpu_count()}, "
+    where = torch.cuda.get_device_name(dev) if torch.device(dev).type == "cuda" else "cpu"
+    print(f"torch {torch.__version__}, device {dev} ({where}), threads {torch.get_num_threads()}, cpus {os.cpu_count()}, "
           f"batch size {args.batch_size}, max_length {args.max_length}")
     print(f"peak RSS after loading: {peak_rss_mb():.0f} MB")
 
-    batches = batches_of(tok, examples, args.batch_size, args.max_length)
+    batches = batches_of(tok, examples, args.batch_size, args.max_length, dev)
     n_tok = sum(int(b["attention_mask"].sum()) for b in batches)
     pad_tok = sum(b["attention_mask"].numel() for b in batches) - n_tok
 
-    with torch.no_grad():  # warm-up (pages the weights in), not timed
+    floor_time(model, batches[:1])  # warm-up (pages the weights in, initialises the kernels), not timed
+    with torch.no_grad():
         model(input_ids=batches[0]["input_ids"], attention_mask=batches[0]["attention_mask"], use_cache=False)
 
     stats: dict = {}
+    sync(dev)
     t0 = time.perf_counter()
     snip = compute_scores(model, tok, examples, "snip", batch_size=args.batch_size, max_length=args.max_length,
                           progress=False, stats=stats)
+    sync(dev)
     snip_s = time.perf_counter() - t0
     snip_rss = peak_rss_mb()
     print(f"\nSNIP: {snip_s:.1f}s = {len(examples) / snip_s:.2f} examples/s, {n_tok / snip_s:.0f} tokens/s "
-          f"({n_tok} tokens, {stats['n_response_tokens']} in the loss, {pad_tok} padding); peak RSS {snip_rss:.0f} MB")
+          f"({n_tok} tokens, {stats['n_response_tokens']} in the loss, {pad_tok} padding); peak RSS {snip_rss:.0f} MB"
+          f"{gpu_peak_mb(dev)}")
 
     floor1 = floor_time(model, batches)
     print(f"floor (plain fwd+bwd, same batches): {floor1:.1f}s; SNIP / floor = {snip_s / floor1:.2f}")
     if not args.skip_wanda:
+        sync(dev)
         t0 = time.perf_counter()
         compute_scores(model, tok, examples, "wanda", batch_size=args.batch_size, max_length=args.max_length,
                        progress=False)
+        sync(dev)
         wanda_s = time.perf_counter() - t0
         print(f"Wanda: {wanda_s:.1f}s = {len(examples) / wanda_s:.2f} examples/s, {n_tok / wanda_s:.0f} tokens/s")
     floor2 = floor_time(model, batches)
@@ -224,7 +293,7 @@ def main(argv=None) -> int:
         print(f"\nscore file: {size / 2**20:.1f} MiB ({len(full)} tensors, fp32; {size / n_weights:.2f} bytes/weight), "
               f"saved in {save_s:.2f}s; load: memory-mapped {mmap_s * 1e3:.0f} ms (+{touch_s:.2f}s to read every "
               f"value), fully read {full_s:.2f}s")
-    print(f"peak RSS overall: {peak_rss_mb():.0f} MB")
+    print(f"peak RSS overall: {peak_rss_mb():.0f} MB{gpu_peak_mb(dev)}")
     return 0
 
 

