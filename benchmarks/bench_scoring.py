@@ -92,6 +92,14 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def fallback_examples(seed: int):
+    """AdvBench training prompts, each paired with one fixed refusal."""
+    from brittle.data.sources import harmful_splits
+
+    train, _ = harmful_splits(seed=seed)
+    return make_examples("harmful-fixed-refusal", [e.prompt for e in train], [FIXED_REFUSAL] * len(train))
+
+
 def load_data(spec: str, model: str, seed: int, model_and_tokenizer):
     """(examples, description). ``auto``: the built safety set when it is cached, else the fallback."""
     if spec in ("auto", "safety", "utility"):
@@ -106,10 +114,7 @@ def load_data(spec: str, model: str, seed: int, model_and_tokenizer):
         except ImportError:
             if spec != "auto":
                 raise
-        from brittle.data.sources import harmful_splits
-
-        train, _ = harmful_splits(seed=seed)
-        return (make_examples("harmful-fixed-refusal", [e.prompt for e in train], [FIXED_REFUSAL] * len(train)),
+        return (fallback_examples(seed),
                 "harmful training prompts (AdvBench) paired with one fixed refusal (the built safety set is not "
                 "cached; `--data safety` builds it)")
     from brittle.data.core import load_file
@@ -122,15 +127,14 @@ def export_inputs(directory: Path, seed: int) -> int:
 
     from transformers import AutoTokenizer
 
-    from brittle.data.sources import harmful_splits
     from brittle.models import resolve_model_path
 
     directory.mkdir(parents=True, exist_ok=True)
     AutoTokenizer.from_pretrained(resolve_model_path("smollm2-135m")).save_pretrained(directory / "tok")
-    train, _ = harmful_splits(seed=seed)
+    examples = fallback_examples(seed)
     with open(directory / "harmful-fixed-refusal.jsonl", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps({"prompt": e.prompt, "response": FIXED_REFUSAL}) + "\n" for e in train)
-    print(f"wrote {directory / 'tok'} and {directory / 'harmful-fixed-refusal.jsonl'} ({len(train)} examples)")
+        f.writelines(json.dumps({"prompt": e.prompt, "response": e.response}) + "\n" for e in examples)
+    print(f"wrote {directory / 'tok'} and {directory / 'harmful-fixed-refusal.jsonl'} ({len(examples)} examples)")
     return 0
 
 

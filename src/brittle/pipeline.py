@@ -51,6 +51,7 @@ def _reuse_stage(directory: Path, marker: Path, settings: dict, force: bool) -> 
     """True when ``marker`` exists and ``directory/stage.json`` records exactly ``settings``; False when the
     stage must run (nothing there yet, or ``force``). Outputs made from other settings are never reused or
     overwritten silently: that raises, naming the settings that differ."""
+    settings = json.loads(json.dumps(settings, default=str))  # as it reads back from stage.json (lists, not tuples)
     if force or not marker.exists():
         return False
     record = directory / STAGE_FILE
@@ -103,8 +104,7 @@ def run_ablation_experiment(cfg: AblationExperiment, out: str | Path, *, force: 
     ab_dir = out / "ablation"
     eval_config = ablation_eval_config(seed=cfg.seed, **cfg.eval_overrides)
     points = sweep_points(cfg.sparsities, cfg.p)
-    settings = {"inputs": inputs, "points": [list(pq) for pq in points], "scope": cfg.scope, "seed": cfg.seed,
-                "eval": json.loads(json.dumps(eval_config.to_dict()))}
+    settings = {"inputs": inputs, "points": points, "scope": cfg.scope, "seed": cfg.seed, "eval": eval_config.to_dict()}
     if _reuse_stage(ab_dir, ab_dir / "ablation.csv", settings, force):
         echo(f"      reusing {ab_dir / 'ablation.csv'}")
     else:
