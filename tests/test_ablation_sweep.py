@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from brittle.ablation import ABLATION_COLUMNS, PAPER_PQ_PAIRS, ablation_eval_config, run_ablation, sweep_points
+from brittle.ablation import ABLATION_COLUMNS, DEFAULT_SPARSITIES, PAPER_PQ_PAIRS, ablation_eval_config, run_ablation, sweep_points
 from brittle.groups import GroupError, load_group
 from brittle.io import BrittleError
 from brittle.models import linear_modules, linear_weight
@@ -131,3 +131,4 @@ def test_ablate_help_shows_the_sweep_defaults():
         assert default in text
     cfg = ablation_eval_config()  # the help must say what the sweep really uses
     assert (cfg.n_harmful, cfg.limit, cfg.max_new_tokens) == (50, 30, 32)
+    assert DEFAULT_SPARSITIES == (0.005, 0.01, 0.02, 0.03)

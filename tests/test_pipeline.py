@@ -41,6 +41,7 @@ def test_experiment_runs_every_stage_then_resumes(setup):
                                                                                "utility-snip.safetensors"]
     assert (out / "groups" / "set_difference.safetensors").exists()
     assert json.loads((out / "manifest.json").read_text())["config"]["sparsities"] == [0.05]
+    assert AblationExperiment().sparsities == (0.0025, 0.005, 0.01, 0.02)  # what `brittle demo --help` states
     stamp = outputs["table"].stat().st_mtime_ns
 
     said.clear()

@@ -58,6 +58,7 @@ def fraction_removed(model: torch.nn.Module, group: Mapping[str, torch.Tensor]) 
 # The ablation experiment: sweep sparsities, remove each group kind, measure safety and utility.
 
 GROUP_KINDS = ("top_safety", "set_difference", "random", "random_magnitude")
+DEFAULT_SPARSITIES = (0.005, 0.01, 0.02, 0.03)  # `brittle ablate`: 17 evaluations, under 15 min on 2 CPU cores
 # (p, q) set-difference pairs (utility p, safety q; fractions) that a third-party reproduction of Wei et al.
 # (2024) lists as the paper's Llama-2-7B-chat settings, in % (1,1) (2,1) (4,2) (7,3) (3,2) (4,4) (5,5) (6,5)
 # (6,6) (9,8). Not checked against the paper's own text, which is not available offline.

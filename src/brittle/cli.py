@@ -193,7 +193,7 @@ def ablate_cmd(
     utility: Annotated[Path, typer.Option("--utility", help="Utility score file (same model).")],
     out: OutOpt,
     model: ModelOpt = "smollm2-135m-safe",
-    sparsities: Annotated[str | None, typer.Option(help="Comma-separated fractions q (top-q safety) (default: 0.005,0.01,0.02,0.03)")] = None,
+    sparsities: Annotated[str | None, typer.Option(help="Comma-separated fractions q (top-q safety) (default: 0.005,0.01,0.02,0.03)")] = None,  # = ablation.DEFAULT_SPARSITIES (tested)
     p: Annotated[float | None, typer.Option("--p", help="Utility fraction removed from the set difference (default p = q).")] = None,
     pq: Annotated[str | None, typer.Option("--pq", help="Set-difference (p, q) pairs instead of --sparsities/--p: 'p:q,p:q,...' or a preset (paper-llama2-7b).")] = None,
     scope: Annotated[str, typer.Option(help="Selection scope: row | matrix | global.")] = "matrix",
@@ -206,14 +206,15 @@ def ablate_cmd(
     """Remove each group (top safety, set difference, random, magnitude-matched random) at each sparsity
     (or each --pq pair); measure ASR, degenerate share, over-refusal, perplexity and accuracy ->
     ablation.csv/.md/.png."""
-    from .ablation import ablation_eval_config, run_ablation, sweep_points
+    from .ablation import DEFAULT_SPARSITIES, ablation_eval_config, run_ablation, sweep_points
     from .groups import check_scope
     from .models import load_model
     from .scoring import check_scores_match, load_scores
 
     if pq is not None and (sparsities is not None or p is not None):
         raise BrittleError("give either --pq or --sparsities/--p, not both")
-    points = _pq_pairs(pq) if pq is not None else sweep_points(_floats(sparsities or "0.005,0.01,0.02,0.03", "--sparsities"), p)
+    qs = _floats(sparsities, "--sparsities") if sparsities is not None else DEFAULT_SPARSITIES
+    points = _pq_pairs(pq) if pq is not None else sweep_points(qs, p)
     check_scope(scope)
     given = {"n_harmful": n_harmful, "limit": limit, "max_new_tokens": max_new_tokens}
     overrides = {k: v for k, v in given.items() if v is not None}  # the rest: ablation_eval_config's defaults
@@ -237,7 +238,7 @@ def ablate_cmd(
 def demo_cmd(
     out: OutOpt = Path("runs/demo"),
     model: ModelOpt = "smollm2-135m-safe",
-    sparsities: Annotated[str, typer.Option(help="Comma-separated fractions q.")] = "0.0025,0.005,0.01,0.02",
+    sparsities: Annotated[str | None, typer.Option(help="Comma-separated fractions q (default: 0.0025,0.005,0.01,0.02)")] = None,
     safety_data: Annotated[str, typer.Option(help="Safety calibration data: 'safety' (the model's own refusals, built and cached on first use), a source name, or a .jsonl/.csv file.")] = "safety",
     utility_data: Annotated[str, typer.Option(help="Utility calibration data: 'utility' (the model's own benign answers), a source name, or a .jsonl/.csv file.")] = "utility",
     seed: SeedOpt = 0,
@@ -247,8 +248,8 @@ def demo_cmd(
     Reruns into the same --out reuse finished stages made with the same settings."""
     from .pipeline import AblationExperiment, run_ablation_experiment
 
-    cfg = AblationExperiment(model=model, sparsities=_floats(sparsities, "--sparsities"), seed=seed,
-                             safety_data=safety_data, utility_data=utility_data)
+    given = {"sparsities": _floats(sparsities, "--sparsities")} if sparsities is not None else {}
+    cfg = AblationExperiment(model=model, seed=seed, safety_data=safety_data, utility_data=utility_data, **given)
     run_ablation_experiment(cfg, out, force=force, echo=typer.echo)
 
 
