@@ -672,12 +672,6 @@ def _data_label(spec: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", base).strip("_") or "data"
 
 
-def _resolve_data(spec: str, model_spec: str, seed: int, model_and_tokenizer) -> list[Example]:
-    from .data.build import resolve_dataset
-
-    return resolve_dataset(spec, model_spec, seed, model_and_tokenizer=model_and_tokenizer)
-
-
 def score_command(
     *,
     model: str,
@@ -702,6 +696,7 @@ def score_command(
     A file is reused when its model weights, dataset hash, number of examples, max_length, dtype and module
     set match (``--force`` recomputes). A file with other settings is not overwritten without ``--force``.
     """
+    from .data.build import resolve_dataset
     from .data.core import sample
     from .io import manifest, write_manifest
     from .models import load_model, weight_fingerprint
@@ -713,7 +708,7 @@ def score_command(
     if model_and_tokenizer is None:
         model_and_tokenizer = load_model(model, dtype=dtype, device=device)
     m, tok = model_and_tokenizer
-    examples = sample(_resolve_data(data, model, seed, (m, tok)), nsamples, seed)
+    examples = sample(resolve_dataset(data, model, seed, model_and_tokenizer=(m, tok)), nsamples, seed)
     mods = None if modules is None else list(select_modules(m, modules))
     wanted = {"method": method, "model_hash": weight_fingerprint(m), "dataset_hash": dataset_hash(examples),
               "n_examples": len(examples), "max_length": max_length, "dtype": model_dtypes(m), "modules": mods}
