@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 # Tests never reach the Hugging Face Hub (CI has no network beyond package registries).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -26,3 +27,14 @@ def smol_tokenizer(smol_dir):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+@pytest.fixture(params=["threads=1", "threads=default"])
+def num_threads(request):
+    """Run a numerical test single-threaded and multi-threaded: fp32 reductions split differently across
+    threads, so a tolerance that encodes one machine's summation order fails here too, on any machine."""
+    before = torch.get_num_threads()
+    n = 1 if request.param == "threads=1" else max(2, before)
+    torch.set_num_threads(n)
+    yield n
+    torch.set_num_threads(before)

@@ -19,6 +19,16 @@ def tiny(smol_tokenizer, tmp_path, monkeypatch):
     monkeypatch.setenv("BRITTLE_CACHE", str(tmp_path / "cache"))
     model = tiny_model("llama", vocab_size=len(smol_tokenizer))
     model.save_pretrained(tmp_path / "tiny")
+    # a random model answers with random tokens, often an end-of-turn token at once; make it say "Sorry" every
+    # time, so that the filters keep a known number of answers
+    word = smol_tokenizer.encode(" Sorry", add_special_tokens=False)[0]
+
+    def favour_word(module, args, logits):
+        logits = logits.clone()
+        logits[..., word] += 100.0
+        return logits
+
+    model.lm_head.register_forward_hook(favour_word)
     smol_tokenizer.save_pretrained(tmp_path / "tiny")
     return str(tmp_path / "tiny"), model, smol_tokenizer
 
@@ -31,14 +41,18 @@ def test_build_writes_sets_and_manifest(tiny, tmp_path):
     assert man["outputs"]["safety"]["generated"] == 6 and man["outputs"]["utility"]["generated"] == 5
     assert man["inputs"]["model_weights"] == weight_fingerprint(model)
     # the paper's judge calls every answer under 20 words a refusal: all non-empty 4-token answers are kept
-    kept = man["outputs"]["safety"]["kept"]
-    assert kept == res.counts["safety"]["kept"] == len(load_file(tmp_path / "out" / "safety.jsonl")) if kept else True
-    from brittle.data.sources import harmful_splits
+    safety = load_file(tmp_path / "out" / "safety.jsonl")
+    utility = load_file(tmp_path / "out" / "utility.jsonl")
+    assert man["outputs"]["safety"]["kept"] == res.counts["safety"]["kept"] == len(safety) == 6
+    assert man["outputs"]["utility"]["kept"] == res.counts["utility"]["kept"] == len(utility) == 5
+    token = tok.decode(tok.encode(" Sorry", add_special_tokens=False)[:1]).strip()  # the one favoured token
+    assert all(e.response.split() == [token] * 4 for e in safety + utility)
+    from brittle.data.sources import benign_splits, harmful_splits
 
     eval_prompts = {e.prompt for e in harmful_splits()[1]}
-    assert not eval_prompts & {e.prompt for e in load_file(tmp_path / "out" / "utility.jsonl")}
-    if kept:
-        assert not eval_prompts & {e.prompt for e in load_file(tmp_path / "out" / "safety.jsonl")}
+    assert not eval_prompts & {e.prompt for e in safety}
+    train_harmful, train_benign = {e.prompt for e in harmful_splits()[0]}, {e.prompt for e in benign_splits()[0]}
+    assert {e.prompt for e in safety} <= train_harmful and {e.prompt for e in utility} <= train_benign
     with pytest.raises(BrittleError, match="--force"):
         build_datasets(cfg, tmp_path / "out", model_and_tokenizer=(model, tok), progress=False)
 

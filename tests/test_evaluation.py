@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 
@@ -160,11 +159,22 @@ def test_hf_classifier_judge(tmp_path, smol_dir):
                       id2label={0: "NORMAL", 1: "REJECTION"}, label2id={"NORMAL": 0, "REJECTION": 1},
                       pad_token_id=tok.pad_token_id or tok.eos_token_id)
     torch.manual_seed(0)
-    LlamaForSequenceClassification(cfg).save_pretrained(tmp_path / "clf")
-    tok.save_pretrained(tmp_path / "clf")
-    judge = get_judge(f"hf:{tmp_path / 'clf'}")
-    out = judge(["p"] * 3, [LONG_COMPLIANCE, "I'm sorry, I can't.", ""])
-    assert out[0] in ("refusal", "compliance") and out[1] in ("refusal", "compliance") and out[2] == "degenerate"
+    responses = [LONG_COMPLIANCE, "I'm sorry, I can't help with that request, it could cause real harm.", ""]
+
+    def classifier(path, id2label):
+        cfg.id2label, cfg.label2id = id2label, {v: k for k, v in id2label.items()}
+        clf = LlamaForSequenceClassification(cfg)
+        with torch.no_grad():  # equal logits for every input: argmax picks label 0, whatever the text says
+            clf.score.weight.zero_()
+        clf.save_pretrained(path)
+        tok.save_pretrained(path)
+        return get_judge(f"hf:{path}")
+
+    # the classifier's label decides, not refusal phrases; the degenerate rules still run first
+    judge = classifier(tmp_path / "clf", {0: "NORMAL", 1: "REJECTION"})
+    assert judge(["p"] * 3, responses) == ["compliance", "compliance", "degenerate"]
+    judge = classifier(tmp_path / "clf-swapped", {0: "REJECTION", 1: "NORMAL"})
+    assert judge(["p"] * 3, responses) == ["refusal", "refusal", "degenerate"]
     # labels that do not say which one is a refusal -> a clear error
     cfg.id2label, cfg.label2id = {0: "A", 1: "B"}, {"A": 0, "B": 1}
     LlamaForSequenceClassification(cfg).save_pretrained(tmp_path / "clf2")
@@ -278,7 +288,11 @@ def test_summary_tables():
                                                         "refusal_harmful": rate(5, 10)}}}
     md = summary_markdown(s)
     assert "| ASR vanilla, no system prompt | 0.300 | [0.11, 0.60] | 10 | 0.000 |" in md
-    assert "[keyword-wei]" in md and "zero-shot acc, mean" in md and not math.isnan(len(md))
+    assert "[keyword-wei]" in md and "zero-shot acc, mean" in md
+    assert "| over-refusal, benign instructions | 0.050 | [0.01, 0.24] | 20 | — |" in md
+    assert "| refusal, held-out harmful [keyword-wei] | 0.500 | [0.24, 0.76] | 10 | — |" in md
+    assert "| perplexity, benign reference answers (rho-benign) | 5.50 | — | 10 | — |" in md
+    assert "| ASR sampled, any of n (n=3, T=1.0) | 0.300 | [0.11, 0.60] | 10 | 0.200 |" in md
     cmp = compare_markdown({"before": s, "after": s})
     assert cmp.splitlines()[0] == "| metric | before | after |"
     assert "0.300 (deg 0.100)" in cmp

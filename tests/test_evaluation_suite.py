@@ -182,6 +182,15 @@ def test_evaluate_model_end_to_end(tiny, tmp_path, small_sets):
     assert files == {f"{v}.jsonl" for v in ("vanilla_sys", "vanilla_nosys", "sampled", "suffix_1", "suffix_2", "benign", "edgy")}
     rows = [json.loads(line) for line in (out / "generations" / "sampled.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and set(rows[0]["verdicts"]) == {"refusal-v1", "keyword-wei"}
+    # the reported rates are the verdicts' shares in the saved generations, per judge
+    for judge in ("refusal-v1", "keyword-wei"):
+        got = s["asr"] if judge == "refusal-v1" else s["by_judge"][judge]["asr"]
+        for variant in ("vanilla_sys", "vanilla_nosys"):
+            saved = [json.loads(line)["verdicts"][judge]
+                     for line in (out / "generations" / f"{variant}.jsonl").read_text().splitlines()]
+            assert len(saved) == 3 and got[variant]["value"] == pytest.approx(saved.count("compliance") / 3), (judge, variant)
+        per_sample = [r["verdicts"][judge] for r in rows]
+        assert got["sampled_per_sample"]["value"] == pytest.approx(per_sample.count("compliance") / 4), judge
     assert {"prompt", "response", "sample"} <= set(rows[0])
     assert json.loads((out / "summary.json").read_text())["asr"] == s["asr"]
     assert (out / "manifest.json").exists() and (out / "summary.md").read_text().startswith("Model")

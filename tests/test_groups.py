@@ -66,6 +66,11 @@ def ref_top_k(scores, fraction, scope):
     return out
 
 
+def positions(group):
+    """The selected entries as a set of (module, flat index): set algebra independent of tensor masks."""
+    return {(n, i) for n, m in group.items() for i, v in enumerate(m.reshape(-1).tolist()) if v}
+
+
 def count(group):
     return {n: int(m.sum()) for n, m in group.items()}
 
@@ -176,13 +181,13 @@ def test_set_difference_properties(scope, ties):
     safety, utility = make_scores(1, ties=ties), make_scores(2, ties=ties)
     for p, q in [(0.1, 0.1), (0.5, 0.2), (0.05, 0.6), (1.0, 0.3)]:
         sd = set_difference(safety, utility, p, q, scope)
-        tq, tp = top_k(safety, q, scope), top_k(utility, p, scope)
-        for n in safety:
-            assert not (sd[n] & ~tq[n]).any()  # subset of top-q safety
-            assert not (sd[n] & tp[n]).any()  # disjoint from top-p utility
-            assert torch.equal(sd[n], tq[n] & ~tp[n])
+        # brute force on positions: the top-q safety entries that are not among the top-p utility entries
+        top_safety, top_utility = positions(ref_top_k(safety, q, scope)), positions(ref_top_k(utility, p, scope))
+        assert positions(sd) == top_safety - top_utility, (p, q)
         if p == 1.0:
             assert sum(count(sd).values()) == 0
+        elif not ties and q > p:  # independent scores: some top-q safety entries survive
+            assert positions(sd)
 
 
 def test_set_difference_validation():
@@ -197,9 +202,9 @@ def test_set_difference_validation():
         set_difference(a, c, 0.1, 0.1)
     with pytest.raises(GroupError, match="q must satisfy"):
         set_difference(a, a, 0.1, 0.0)
-    with pytest.raises(GroupError, match="p must satisfy"):
+    # callers (the CLI) catch BrittleError to print the message without a traceback
+    with pytest.raises(BrittleError, match="p must satisfy"):
         set_difference(a, a, 1.5, 0.1)
-    assert issubclass(GroupError, BrittleError)
 
 
 @pytest.mark.parametrize("bad", [0, 0.0, -0.1, 1.0001, 5, float("nan"), float("inf"), True, "0.1", None])

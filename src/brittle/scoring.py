@@ -749,15 +749,7 @@ def score_command(
     return path
 
 
-def score_size_bytes(model: nn.Module, modules: Iterable[str] | str | None = None) -> int:
-    """Bytes of the fp32 score tensors of the selected modules (= SNIP accumulators = score file payload)."""
-    from .models import linear_weight
-
-    return 4 * sum(linear_weight(m).numel() for m in select_modules(model, modules).values())
-
-
 __all__ = [
     "METHODS", "FORMAT", "ScoreMismatchError", "compute_scores", "save_scores", "load_scores", "read_metadata",
     "check_scores_match", "score_metadata", "dataset_hash", "select_modules", "plan_passes", "score_command",
-    "score_size_bytes",
 ]

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 ASR_LABELS = {
@@ -15,14 +13,6 @@ ASR_LABELS = {
     "suffix_any": "ASR any suffix",
     "suffix_best": "ASR best suffix",
 }
-
-
-def load_summary(path: str | Path) -> dict:
-    """A ``summary.json`` (or the run directory holding it)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "summary.json"
-    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def _f(x: float | None, digits: int = 3) -> str:
