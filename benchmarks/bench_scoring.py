@@ -15,7 +15,7 @@ Measured in one run and printed:
 Usage::
 
     .venv/bin/python benchmarks/bench_scoring.py                 # defaults below
-    .venv/bin/python benchmarks/bench_scoring.py --data safety   # force the built safety set (builds it if missing)
+    .venv/bin/python benchmarks/bench_scoring.py --data runs/d/data/safety.jsonl   # the model's own set (brittle data build --out runs/d)
     # GPU, a randomly initialised Llama-3.2-1B-shaped model (no download), bf16, data and tokenizer from files:
     python benchmarks/bench_scoring.py --device cuda --dtype bfloat16 --model random:llama-1b \
         --tokenizer DIR --data FILE.jsonl --batch-size 8
@@ -37,8 +37,10 @@ from pathlib import Path
 import torch
 
 from brittle.data.core import IGNORE_INDEX, encode, make_examples, pad_batch, sample
-from brittle.models import decoder_layers, linear_modules, linear_weight, load_model, is_conv1d
-from brittle.scoring import _loss, compute_scores, load_scores, save_scores, score_metadata
+from brittle.models import decoder_layers, is_conv1d, linear_modules, linear_weight
+from brittle.presets import load_model
+from brittle.scoring import compute_scores, load_scores, save_scores, score_metadata
+from brittle.scoring.compute import _loss
 
 FIXED_REFUSAL = ("I'm sorry, but I can't help with that. This request could cause serious harm, so I won't provide "
                  "instructions or details. If you have another question, I'm happy to help.")
@@ -60,7 +62,7 @@ def load_bench_model(spec: str, tokenizer: str | None, dtype: torch.dtype, devic
         return load_model(spec, dtype=dtype, device=device)
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-    from brittle.models import resolve_model_path
+    from brittle.presets import resolve_model_path
 
     name = spec.split(":", 1)[1]
     if name not in RANDOM_MODELS:
@@ -101,22 +103,12 @@ def fallback_examples(seed: int):
 
 
 def load_data(spec: str, model: str, seed: int, model_and_tokenizer):
-    """(examples, description). ``auto``: the built safety set when it is cached, else the fallback."""
-    if spec in ("auto", "safety", "utility"):
-        try:
-            from brittle.data.build import default_build_dir, resolve_dataset
-
-            kind = "safety" if spec == "auto" else spec
-            cached = (default_build_dir(model, seed) / f"{kind}.jsonl").exists()
-            if spec != "auto" or cached:
-                return (resolve_dataset(kind, model, seed, model_and_tokenizer=model_and_tokenizer),
-                        f"the built {kind} set of {model} (seed {seed}; the model's own responses)")
-        except ImportError:
-            if spec != "auto":
-                raise
+    """(examples, description). ``auto``: the fallback set; a run directory's ``data/<set>.jsonl`` or any
+    ``.jsonl``/``.csv`` file: that file (build the model's own sets with `brittle data build --out DIR`)."""
+    if spec == "auto":
         return (fallback_examples(seed),
-                "harmful training prompts (AdvBench) paired with one fixed refusal (the built safety set is not "
-                "cached; `--data safety` builds it)")
+                "harmful training prompts (AdvBench) paired with one fixed refusal (give a file, e.g. the "
+                "safety.jsonl written by `brittle data build`, to score the model's own set)")
     from brittle.data.core import load_file
 
     return load_file(spec, require_response=True), f"file {spec}"
@@ -127,7 +119,7 @@ def export_inputs(directory: Path, seed: int) -> int:
 
     from transformers import AutoTokenizer
 
-    from brittle.models import resolve_model_path
+    from brittle.presets import resolve_model_path
 
     directory.mkdir(parents=True, exist_ok=True)
     AutoTokenizer.from_pretrained(resolve_model_path("smollm2-135m")).save_pretrained(directory / "tok")
@@ -207,7 +199,7 @@ def paper_snip_layers(model, tok, examples, layers, max_length):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--data", default="auto", help="auto | safety | utility | a .jsonl/.csv file")
+    ap.add_argument("--data", default="auto", help="auto (AdvBench + one fixed refusal) | a .jsonl/.csv file")
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=4)

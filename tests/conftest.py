@@ -14,7 +14,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 @pytest.fixture(scope="session")
 def smol_dir():
-    from brittle.models import resolve_model_path
+    from brittle.presets import resolve_model_path
 
     return resolve_model_path("smollm2-135m")
 

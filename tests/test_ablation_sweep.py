@@ -8,11 +8,32 @@ import pandas as pd
 import pytest
 import torch
 
-from brittle.ablation import ABLATION_COLUMNS, DEFAULT_SPARSITIES, PAPER_PQ_PAIRS, ablation_eval_config, run_ablation, sweep_points
-from brittle.groups import GroupError, load_group
+from brittle.ablation import (
+    ABLATION_COLUMNS,
+    DEFAULT_SPARSITIES,
+    GROUP_KINDS,
+    PAPER_PQ_PAIRS,
+    SweepGroup,
+    ablation_eval_config,
+    run_ablation,
+)
+from brittle.groups import GroupError, build_groups, load_group
 from brittle.io import BrittleError
-from brittle.models import linear_modules, linear_weight
+from brittle.models import linear_modules, linear_weight, weight_fingerprint
+from brittle.scoring import save_scores
 from brittle.testing import tiny_model
+
+
+def sweep(model, safety, utility, points, folder):
+    """The sweep groups as the groups stage builds them (score files -> build_groups -> sweep/*.safetensors)."""
+    meta = {"model": "tiny", "model_hash": weight_fingerprint(model)}
+    save_scores(folder / "safety.safetensors", safety, meta)
+    save_scores(folder / "utility.safetensors", utility, meta)
+    weights = {n: linear_weight(m).detach() for n, m in linear_modules(model).items()}
+    res = build_groups(folder / "safety.safetensors", folder / "utility.safetensors", folder / "groups",
+                       weights=weights, model_fingerprint=meta["model_hash"], sweep=points, sweep_kinds=GROUP_KINDS)
+    return [SweepGroup(s["kind"], s["p"], s["q"], s["label"], load_group(folder / "groups" / s["file"])[0])
+            for s in res.outputs["sweep"]]
 
 
 def test_sweep_writes_table_figure_and_groups_and_restores_the_model(smol_tokenizer, tmp_path):
@@ -23,8 +44,8 @@ def test_sweep_writes_table_figure_and_groups_and_restores_the_model(smol_tokeni
     safety = {n: w.abs() * torch.rand(w.shape, generator=g) for n, w in weights.items()}
     utility = {n: w.abs() * torch.rand(w.shape, generator=g) for n, w in weights.items()}
     cfg = ablation_eval_config(n_harmful=4, max_new_tokens=4, n_benign=3, n_perplexity=3, tasks=[])
-    table = run_ablation(model, smol_tokenizer, safety, utility, sweep_points([0.01, 0.05]), tmp_path, progress=False,
-                         log=lambda s: None, eval_config=cfg)
+    items = sweep(model, safety, utility, [(0.01, 0.01), (0.05, 0.05)], tmp_path)
+    table = run_ablation(model, smol_tokenizer, items, tmp_path, progress=False, log=lambda s: None, eval_config=cfg)
     assert list(table.columns) == list(ABLATION_COLUMNS)
     assert len(table) == 1 + 4 * 2 and table.iloc[0].group == "dense" and table.iloc[0].fraction_removed == 0
     on_disk = pd.read_csv(tmp_path / "ablation.csv")
@@ -39,7 +60,7 @@ def test_sweep_writes_table_figure_and_groups_and_restores_the_model(smol_tokeni
         for kind in ("random", "random_magnitude"):
             ctrl = table[(table.group == kind) & (table.sparsity == s)].iloc[0]
             assert ctrl.fraction_removed == row.fraction_removed
-        sd, _ = load_group(tmp_path / "groups" / f"set_difference-{s:g}.safetensors")
+        sd, _ = load_group(tmp_path / "groups" / "sweep" / f"set_difference-{s:g}.safetensors")
         assert sum(int(m.sum()) for m in sd.values()) > 0
     assert all(0 <= x <= 1 for x in table.asr) and all(0 <= x <= 1 for x in table.asr_wei)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
@@ -56,29 +77,36 @@ def test_sweep_over_pq_pairs_measures_top_safety_once_per_q(smol_tokenizer, tmp_
     safety, utility = _random_scores(model, 0), _random_scores(model, 1)
     cfg = ablation_eval_config(n_harmful=2, max_new_tokens=2, n_benign=2, n_perplexity=2, tasks=[])
     points = [(0.05, 0.05), (0.2, 0.05), (0.1, 0.1)]
-    table = run_ablation(model, smol_tokenizer, safety, utility, points, tmp_path, progress=False, log=lambda s: None,
-                         eval_config=cfg)
+    table = run_ablation(model, smol_tokenizer, sweep(model, safety, utility, points, tmp_path), tmp_path,
+                         progress=False, log=lambda s: None, eval_config=cfg)
     tops = table[table.group == "top_safety"]
     assert list(tops.q) == [0.05, 0.1] and tops.p.isna().all()  # top-q safety does not depend on p
     sd = table[table.group == "set_difference"]
     assert list(zip(sd.p, sd.q, strict=True)) == points
     # removing more utility weights (larger p) leaves a smaller set difference
     assert sd.fraction_removed.iloc[1] < sd.fraction_removed.iloc[0]
-    names = sorted(f.stem for f in (tmp_path / "groups").glob("set_difference*"))
+    names = sorted(f.stem for f in (tmp_path / "groups" / "sweep").glob("set_difference*"))
     assert names == ["set_difference-0.05", "set_difference-0.1", "set_difference-p0.2-q0.05"]
     assert (tmp_path / "eval" / "random_magnitude-p0.2-q0.05" / "summary.json").exists()
     with pytest.raises(GroupError, match="q must satisfy"):
-        run_ablation(model, smol_tokenizer, safety, utility, [(0.05, 5)], tmp_path / "bad", eval_config=cfg)
+        sweep(model, safety, utility, [(0.05, 5)], tmp_path / "bad")
+    with pytest.raises(BrittleError, match="no sweep groups"):
+        run_ablation(model, smol_tokenizer, [], tmp_path / "none", eval_config=cfg)
 
 
 def test_pq_option_parsing():
-    from brittle.cli import _pq_pairs
+    from brittle.cli import _pq
+    from brittle.config import load_config
 
-    assert _pq_pairs("paper-llama2-7b") == list(PAPER_PQ_PAIRS) and len(PAPER_PQ_PAIRS) == 10
-    assert _pq_pairs("0.02:0.01, 0.04:0.02") == [(0.02, 0.01), (0.04, 0.02)]
-    for bad, msg in (("0.02", "not a 'p:q' pair"), ("0.02:0.01:3", "not a 'p:q' pair"), ("2:1", "fractions in")):
+    assert _pq("paper-llama2-7b") == "paper-llama2-7b" and len(PAPER_PQ_PAIRS) == 10
+    assert load_config(None, options={"ablation": {"pq": _pq("paper-llama2-7b")}}).ablation.points() == list(PAPER_PQ_PAIRS)
+    assert _pq("0.02:0.01, 0.04:0.02") == [[0.02, 0.01], [0.04, 0.02]]
+    assert load_config(None, options={"ablation": {"pq": _pq("0.02:0.01")}}).ablation.points() == [(0.02, 0.01)]
+    for bad, msg in (("0.02", "not a 'p:q' pair"), ("0.02:0.01:3", "not a 'p:q' pair"), ("a:b", "numbers")):
         with pytest.raises(BrittleError, match=msg):
-            _pq_pairs(bad)
+            _pq(bad)
+    with pytest.raises(BrittleError, match="p must be a fraction"):
+        load_config(None, options={"ablation": {"pq": _pq("2:1")}})
 
 
 def test_ablate_command_end_to_end(smol_tokenizer, tmp_path):
@@ -103,16 +131,24 @@ def test_ablate_command_end_to_end(smol_tokenizer, tmp_path):
             "--limit", "2", "--max-new-tokens", "3", "--out", str(tmp_path / "run")]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
-    table = pd.read_csv(tmp_path / "run" / "ablation.csv")
+    table = pd.read_csv(tmp_path / "run" / "ablation" / "ablation.csv")
     assert list(table.group) == ["dense", "top_safety", "set_difference", "random", "random_magnitude"]
-    assert (tmp_path / "run" / "ablation.png").exists()
-    settings = json.loads((tmp_path / "run" / "eval" / "dense" / "summary.json").read_text())["config"]
+    assert (tmp_path / "run" / "ablation" / "ablation.png").exists()
+    # the ablation removed exactly the groups stage's sweep groups
+    sd, _ = load_group(tmp_path / "run" / "groups" / "sweep" / "set_difference-0.05.safetensors")
+    assert table[table.group == "set_difference"].fraction_removed.iloc[0] == pytest.approx(
+        sum(int(m.sum()) for m in sd.values()) / sum(linear_weight(m).numel() for m in linear_modules(model).values()))
+    for stage in ("groups", "ablation"):
+        assert json.loads((tmp_path / "run" / stage / "manifest.json").read_text())["stage"] == stage
+    settings = json.loads((tmp_path / "run" / "ablation" / "eval" / "dense" / "summary.json").read_text())["config"]
     assert (settings["n_harmful"], settings["limit"], settings["max_new_tokens"]) == (2, 2, 3)
     assert settings["tasks"] == ablation_eval_config().tasks  # not given: the sweep defaults
-    res = CliRunner().invoke(app, args)
-    assert res.exit_code == 2 and "--force" in res.output
+    res = CliRunner().invoke(app, args)  # the same again: both stages reused
+    assert res.exit_code == 0 and res.output.count("reusing") == 2, res.output
+    res = CliRunner().invoke(app, [a if a != "3" else "4" for a in args])
+    assert res.exit_code == 2 and "config.eval.max_new_tokens" in res.output and "--force" in res.output
     bad = CliRunner().invoke(app, args[:-2] + ["--sparsities", "5", "--out", str(tmp_path / "x")])
-    assert bad.exit_code == 2 and "fractions in (0, 1]" in bad.output
+    assert bad.exit_code == 2 and "sparsity must be a fraction with 0 < sparsity <= 1" in bad.output
     bad = CliRunner().invoke(app, args[:-2] + ["--pq", "0.1:0.05", "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "either --pq or --sparsities" in bad.output
     bad = CliRunner().invoke(app, args[:-2] + ["--max-new-tokens", "0", "--out", str(tmp_path / "x")])
@@ -127,7 +163,7 @@ def test_ablate_help_shows_the_sweep_defaults():
     res = CliRunner().invoke(app, ["ablate", "--help"], env={"COLUMNS": "250"})
     assert res.exit_code == 0
     text = " ".join(res.output.split())
-    for default in ("(default: 0.005,0.01,0.02,0.03)", "(default: 50)", "(default: 30)", "(default: 32)"):
+    for default in ("(default: 0.005,0.01,0.02,0.03)", "(default: 50)", "(default: 30)", "(default: 32)", "(default: matrix)"):
         assert default in text
     cfg = ablation_eval_config()  # the help must say what the sweep really uses
     assert (cfg.n_harmful, cfg.limit, cfg.max_new_tokens) == (50, 30, 32)

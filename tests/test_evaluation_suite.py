@@ -193,7 +193,7 @@ def test_evaluate_model_end_to_end(tiny, tmp_path, small_sets):
         assert got["sampled_per_sample"]["value"] == pytest.approx(per_sample.count("compliance") / 4), judge
     assert {"prompt", "response", "sample"} <= set(rows[0])
     assert json.loads((out / "summary.json").read_text())["asr"] == s["asr"]
-    assert (out / "manifest.json").exists() and (out / "summary.md").read_text().startswith("Model")
+    assert (out / "summary.md").read_text().startswith("Model")  # the eval stage writes the manifest
     with pytest.raises(ExistsError, match="--force"):
         evaluate_model(model, tok, out, cfg, progress=False)
 

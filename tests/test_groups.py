@@ -139,8 +139,8 @@ def test_dtypes_and_inf():
 
 @pytest.mark.parametrize("ties", [False, True])
 def test_global_bracket_path_matches_brute_force(monkeypatch, ties):
-    monkeypatch.setattr(G, "_GLOBAL_CONCAT_LIMIT", 50)
-    monkeypatch.setattr(G, "_GLOBAL_SAMPLE", 40)
+    monkeypatch.setattr(G.select, "_GLOBAL_CONCAT_LIMIT", 50)
+    monkeypatch.setattr(G.select, "_GLOBAL_SAMPLE", 40)
     scores = make_scores(3, shapes=[(9, 11), (4, 30), (1, 1), (20, 5)], ties=ties)
     for f in [0.001, 0.02, 0.3, 0.5, 0.9, 1.0]:
         got, ref = top_k(scores, f, "global"), ref_top_k(scores, f, "global")
@@ -148,12 +148,12 @@ def test_global_bracket_path_matches_brute_force(monkeypatch, ties):
 
 
 def test_global_bracket_widens_when_sample_misleads(monkeypatch):
-    monkeypatch.setattr(G, "_GLOBAL_CONCAT_LIMIT", 100)
-    monkeypatch.setattr(G, "_GLOBAL_SAMPLE", 1000)
+    monkeypatch.setattr(G.select, "_GLOBAL_CONCAT_LIMIT", 100)
+    monkeypatch.setattr(G.select, "_GLOBAL_SAMPLE", 1000)
     x = torch.arange(20000, dtype=torch.float32) + 1
     x[::20] = -torch.arange(1000, dtype=torch.float32)  # the strided sample sees only the negative entries
     stats: dict[str, int] = {}
-    assert G._kth_largest([x], 10000, stats) == torch.sort(x, descending=True).values[9999].item()
+    assert G.select._kth_largest([x], 10000, stats) == torch.sort(x, descending=True).values[9999].item()
     assert stats["rounds"] >= 2  # the first bracket was wrong and had to be widened
     scores = {"layers.0.q": x.view(100, 200)}
     for f in [0.05, 0.5, 0.97]:
@@ -335,7 +335,7 @@ def test_group_file_at_most_one_bit_per_weight(tmp_path, density):
 
 
 def test_index_dtype_and_bad_files(tmp_path):
-    assert G._index_dtype(2**31 - 1) == torch.int32 and G._index_dtype(2**31) == torch.int64
+    assert G.files._index_dtype(2**31 - 1) == torch.int32 and G.files._index_dtype(2**31) == torch.int64
     with pytest.raises(GroupFileError, match="not found"):
         load_group(tmp_path / "missing.safetensors")
     from safetensors.torch import save_file
@@ -379,7 +379,7 @@ def test_group_summary():
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
+def tiny_run(tmp_path_factory, smol_tokenizer):
     from brittle.models import linear_modules, linear_weight, weight_fingerprint
     from brittle.scoring import save_scores
     from brittle.testing import tiny_model
@@ -387,6 +387,7 @@ def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("groups_cli")
     model = tiny_model("llama")
     model.save_pretrained(root / "model")
+    smol_tokenizer.save_pretrained(root / "model")
     fp = weight_fingerprint(model)
     weights = {n: linear_weight(m).detach().clone() for n, m in linear_modules(model).items()}
     g = torch.Generator().manual_seed(0)
@@ -396,6 +397,12 @@ def tiny_run(tmp_path_factory):
         paths[kind] = root / f"{kind}.safetensors"
         save_scores(paths[kind], scores, {"model": str(root / "model"), "model_hash": fp})
     return root, paths, weights
+
+
+def meta_of(paths):
+    from brittle.scoring import read_metadata
+
+    return read_metadata(paths["safety"])
 
 
 def _invoke(*args):
@@ -416,9 +423,9 @@ def test_cli_groups_end_to_end(tiny_run, tmp_path):
     assert "set_difference selects" in res.output
     groups = {}
     for name in G.GROUP_NAMES:
-        groups[name], meta = load_group(out / "groups" / f"{name}.safetensors")
-        assert json.loads(meta["params"])["scope"] == "matrix"
-    assert meta["definition"] == "magnitude_matched_random" and "sha256" in meta["sources"]
+        groups[name], gmeta = load_group(out / "groups" / f"{name}.safetensors")
+        assert json.loads(gmeta["params"])["scope"] == "matrix"
+    assert gmeta["definition"] == "magnitude_matched_random" and "sha256" in gmeta["sources"]
     assert set(groups["top_safety"]) == set(weights)
     sd = groups["set_difference"]
     assert count(groups["random"]) == count(sd) == count(groups["random_magnitude"])
@@ -432,14 +439,18 @@ def test_cli_groups_end_to_end(tiny_run, tmp_path):
     safety, utility = load_file(str(paths["safety"])), load_file(str(paths["utility"]))
     expect = set_difference(safety, utility, 0.05, 0.1, "matrix")
     assert all(torch.equal(sd[n], expect[n]) for n in weights)
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["command"] == "groups" and manifest["inputs"]["model_weights"]
+    manifest = json.loads((out / "groups" / "manifest.json").read_text())
+    assert manifest["stage"] == "groups" and manifest["inputs"]["model_weights"] == G.score_model_hash(meta_of(paths))
+    assert manifest["outputs"]["set_difference"]["count"] == sum(count(sd).values())
     assert (out / "groups" / "summary.csv").exists() and (out / "groups" / "summary.md").exists()
-    # refuses to overwrite without --force, and says how
-    res = _invoke(*args)
-    assert res.exit_code == 2 and "--force" in res.output
+    res = _invoke(*args)  # the same again: reused
+    assert res.exit_code == 0 and "reusing" in res.output, res.output
+    # other settings: refused without --force, naming what differs
+    res = _invoke(*args, "--no-magnitude", "--scope", "global")
+    assert res.exit_code == 2 and "config.magnitude, config.scope" in res.output and "--force" in res.output
     res = _invoke(*args, "--force", "--no-magnitude", "--scope", "global")
     assert res.exit_code == 0, res.output
+    assert not (out / "groups" / "random_magnitude.safetensors").exists()
 
 
 def test_cli_groups_errors(tiny_run, tmp_path):
@@ -453,9 +464,9 @@ def test_cli_groups_errors(tiny_run, tmp_path):
     res = _invoke("--safety", paths["safety"], "--utility", other, "--out", tmp_path / "a")
     assert res.exit_code == 2 and "different models" in res.output
     res = _invoke("--safety", paths["safety"], "--utility", paths["utility"], "--q", 5, "--out", tmp_path / "b")
-    assert res.exit_code == 2 and "did you mean 0.05" in res.output
+    assert res.exit_code == 2 and "did you mean 0.05" in res.output and not (tmp_path / "b").exists()
     res = _invoke("--safety", paths["safety"], "--utility", paths["utility"], "--scope", "layer", "--out", tmp_path / "c")
-    assert res.exit_code == 2 and "row, matrix, global" in res.output
+    assert res.exit_code == 2 and "'row', 'matrix' or 'global'" in res.output
     # a safetensors file that brittle did not write is refused with a clear message
     plain = tmp_path / "plain-scores.safetensors"
     save_file(load_file(str(paths["safety"])), str(plain))

@@ -9,17 +9,8 @@ import torch
 
 from brittle.assets import AssetError, assemble_parts, dist_file
 from brittle.io import BrittleError, sha256_file
-from brittle.models import (
-    PRESETS,
-    Preset,
-    decoder_layers,
-    gguf_to_hf_dir,
-    linear_modules,
-    linear_weight,
-    load_model,
-    register_preset,
-    resolve_model_path,
-)
+from brittle.models import decoder_layers, gguf_to_hf_dir, linear_modules, linear_weight
+from brittle.presets import PRESETS, Preset, load_model, register_preset, resolve_model_path
 from brittle.testing import TINY_ARCHS, tiny_model
 
 EXPECTED_ROLES = {

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from brittle.data.core import IGNORE_INDEX, DataError, encode, make_examples
-from brittle.io import BrittleError
+from brittle.io import BrittleError, sha256_file
 from brittle.models import is_conv1d, linear_modules, linear_weight
 from brittle.scoring import (
     ScoreMismatchError,
@@ -50,7 +50,7 @@ RESPONSES = [
 def tok():
     from transformers import AutoTokenizer
 
-    from brittle.models import resolve_model_path
+    from brittle.presets import resolve_model_path
 
     try:
         path = resolve_model_path("smollm2-135m")
@@ -383,23 +383,24 @@ def test_score_command(tmp_path, tiny_dir, examples):
     runner = CliRunner()
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
-    path = out / "scores" / "pairs-snip.safetensors"
-    assert path.is_file() and "wrote" in r.output
+    path = out / "scores" / "pairs-snip" / "scores.safetensors"
+    assert path.is_file() and str(path) in r.output
     scores, meta = load_scores(path)
-    assert meta["n_examples"] == 4 and meta["seed"] == 0 and len(scores) == 14
-    man = json.loads((out / "manifest.json").read_text())
-    assert man["command"] == "score" and man["outputs"]["scores"]["reused"] is False
+    assert meta["n_examples"] == 4 and meta["seed"] == 0 and len(scores) == 14 and meta["data"] == "pairs"
+    man = json.loads((out / "scores" / "pairs-snip" / "manifest.json").read_text())
+    assert man["stage"] == "scores:pairs" and man["config"]["nsamples"] == 4
+    assert man["inputs"]["data"] == json.loads((out / "data" / "manifest.json").read_text())["outputs"]["pairs"]["sha256"]
+    assert man["outputs"]["scores"]["sha256"] == sha256_file(path)
     first = path.read_bytes()
 
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
-    assert "reusing cached scores" in r.output
-    assert path.read_bytes() == first
+    assert "reusing" in r.output and path.read_bytes() == first
 
     r = runner.invoke(app, [a if a != str(MAX_LEN) else "56" for a in args])
-    assert r.exit_code == 2 and "different settings (max_length)" in r.output
+    assert r.exit_code == 2 and "other settings or inputs (config.max_length)" in r.output
     r = runner.invoke(app, [a if a != str(MAX_LEN) else "56" for a in args] + ["--force"])
     assert r.exit_code == 0 and read_metadata(path)["max_length"] == 56, r.output
 
     r = runner.invoke(app, [a if a != "snip" else "magnitude" for a in args])
-    assert r.exit_code == 2 and "unknown scoring method 'magnitude'" in r.output
+    assert r.exit_code == 2 and "scores.method: Input should be 'snip', 'wanda' or 'snip-summed'" in r.output

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -73,45 +74,11 @@ ABLATION_COLUMNS = ("group", "sparsity", "p", "q", "fraction_removed", "asr_wei"
 
 
 def ablation_eval_config(**overrides):
-    """The lighter evaluation used for every point of a sweep (the defaults keep a 17-point sweep on the
-    default model under 15 minutes on 2 CPU cores, about 40 s per point): 50 held-out AdvBench behaviours,
-    greedy, 32 new tokens, no system prompt (both judges); 50 held-out benign instructions (32 new tokens)
-    for over-refusal; perplexity on 50 reference answers; zero-shot accuracy on ARC-Easy and PIQA (30 docs
-    each: a standard error of about 0.06 on the mean, so only large utility losses show there; perplexity
-    is the sensitive utility measure). BoolQ is left out: a 135M model scores below its majority class on it.
-    Every number in the table says which of these it comes from."""
-    from .evaluation.suite import make_config
+    """The sweep's evaluation settings: :class:`brittle.evaluation.config.SweepEvalConfig` (its defaults are the
+    lighter per-point evaluation) with ``overrides``; bad values raise a :class:`BrittleError`."""
+    from .evaluation.config import SweepEvalConfig, make_config
 
-    base = dict(n_harmful=50, max_new_tokens=32, n_sampled=0, n_benign=50, n_edgy=0, n_perplexity=50,
-                tasks=["arc_easy", "piqa"], limit=30, with_system_prompt=False, batch_size=32)
-    base.update(overrides)
-    return make_config(**base)
-
-
-def sweep_points(sparsities: Sequence[float], p: float | None = None) -> list[tuple[float, float]]:
-    """The (p, q) pairs of a sparsity sweep: q = s for each sparsity s, p = s (the paper's diagonal) or the
-    given p for every point."""
-    return [(s if p is None else p, s) for s in sparsities]
-
-
-def sweep_groups(safety, utility, weights, p: float, q: float, scope: str, seed: int) -> dict:
-    """The four groups of one sweep point: top-q safety, the set difference S(p, q) = top-q(safety) minus
-    top-p(utility), and random / magnitude-matched random controls sized like that set difference (per module)."""
-    from .groups import magnitude_matched_random, random_like, set_difference, top_k
-
-    sd = set_difference(safety, utility, p=p, q=q, scope=scope)
-    return {
-        "top_safety": top_k(safety, q, scope),
-        "set_difference": sd,
-        "random": random_like(sd, seed),
-        "random_magnitude": magnitude_matched_random(sd, weights, seed),
-    }
-
-
-def point_label(kind: str, p: float, q: float) -> str:
-    """File/directory stem of one group: ``<kind>-<q>`` on the diagonal (and for top_safety, which depends on
-    q only), ``<kind>-p<p>-q<q>`` otherwise."""
-    return f"{kind}-{q:g}" if kind == "top_safety" or p == q else f"{kind}-p{p:g}-q{q:g}"
+    return make_config(SweepEvalConfig, **overrides)
 
 
 def _row(kind: str, sparsity: float | None, p: float | None, frac: float, summary: dict) -> dict:
@@ -127,56 +94,51 @@ def _row(kind: str, sparsity: float | None, p: float | None, frac: float, summar
     }
 
 
-def run_ablation(model, tokenizer, safety, utility, points: Sequence[tuple[float, float]], out_dir, *,
-                 scope: str = "matrix", seed: int = 0, eval_config=None, kinds=GROUP_KINDS,
-                 overwrite: bool = False, progress: bool = True, log=print):
-    """Evaluate the dense model and every (group kind, (p, q) point); write ``ablation.csv``/``.md``, a figure,
-    the groups and per-point evaluation directories. Returns the table as a pandas DataFrame.
+@dataclass(frozen=True)
+class SweepGroup:
+    """One group of a sweep: its kind (``top_safety``, ``set_difference``, ``random``, ``random_magnitude``),
+    the (p, q) point it belongs to, its file label (:func:`brittle.groups.point_label`) and the mask."""
 
-    ``points`` are (p, q) pairs: :func:`sweep_points` for a sparsity sweep, or a preset of
-    :data:`PQ_PRESETS`. ``top_safety`` depends on q only and is evaluated once per distinct q.
+    kind: str
+    p: float
+    q: float
+    label: str
+    group: Mapping[str, torch.Tensor]
+
+
+def run_ablation(model, tokenizer, groups: Sequence[SweepGroup], out_dir, *, eval_config=None,
+                 overwrite: bool = False, progress: bool = True, log=print):
+    """Evaluate the dense model, then the model with each group removed (in order); write ``ablation.csv``/
+    ``.md``, a figure and per-group evaluation directories ``eval/<label>/``. Returns the table (pandas).
+
+    The groups come from the groups stage (:func:`brittle.groups.sweep_groups` for each (p, q) point).
     """
     import pandas as pd
 
     from .evaluation.suite import evaluate_model
-    from .groups import check_fraction, save_group
     from .io import write_text
 
-    points = [(check_fraction(p, "p"), check_fraction(q, "q")) for p, q in points]
-    if not points:
-        raise BrittleError("no sweep points given")
+    if not groups:
+        raise BrittleError("no sweep groups given")
     out_dir = Path(out_dir)
     if (out_dir / "ablation.csv").exists() and not overwrite:
         from .io import ExistsError
 
         raise ExistsError(f"{out_dir / 'ablation.csv'} already exists; pass --force to overwrite it")
-    cfg = eval_config or ablation_eval_config(seed=seed)
-    weights = {k: linear_weight(m).detach() for k, m in linear_modules(model).items()}
+    cfg = eval_config or ablation_eval_config()
     rows = []
     log("[ablation] dense model")
     dense = evaluate_model(model, tokenizer, out_dir / "eval" / "dense", cfg, overwrite=True, progress=progress)
     rows.append(_row("dense", None, None, 0.0, dense))
-    done: set[str] = set()
-    for p, q in points:
-        groups = sweep_groups(safety, utility, weights, p, q, scope, seed)
-        for kind in kinds:
-            label = point_label(kind, p, q)
-            if label in done:  # top_safety at a q already measured, or a repeated point
-                continue
-            done.add(label)
-            group = groups[kind]
-            frac = fraction_removed(model, group)
-            save_group(out_dir / "groups" / f"{label}.safetensors", group,
-                       {"definition": kind, "p": str(p), "q": str(q), "scope": scope, "seed": str(seed)},
-                       overwrite=True)
-            log(f"[ablation] {kind} p={p:g} q={q:g}: removing {frac:.4%} of the scored weights")
-            with ablated(model, group):
-                summary = evaluate_model(model, tokenizer, out_dir / "eval" / label, cfg, overwrite=True,
-                                         progress=progress)
-            rows.append(_row(kind, q, None if kind == "top_safety" else p, frac, summary))
-            # write as we go: a long sweep that dies keeps what it measured
-            table = pd.DataFrame(rows, columns=list(ABLATION_COLUMNS))
-            table.to_csv(out_dir / "ablation.partial.csv", index=False)
+    for item in groups:
+        frac = fraction_removed(model, item.group)
+        log(f"[ablation] {item.kind} p={item.p:g} q={item.q:g}: removing {frac:.4%} of the scored weights")
+        with ablated(model, item.group):
+            summary = evaluate_model(model, tokenizer, out_dir / "eval" / item.label, cfg, overwrite=True,
+                                     progress=progress)
+        rows.append(_row(item.kind, item.q, None if item.kind == "top_safety" else item.p, frac, summary))
+        # write as we go: a long sweep that dies keeps what it measured
+        pd.DataFrame(rows, columns=list(ABLATION_COLUMNS)).to_csv(out_dir / "ablation.partial.csv", index=False)
     table = pd.DataFrame(rows, columns=list(ABLATION_COLUMNS))
     write_text(out_dir / "ablation.csv", table.to_csv(index=False), overwrite=True)
     write_text(out_dir / "ablation.md", ablation_markdown(table, cfg), overwrite=True)

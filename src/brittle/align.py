@@ -6,18 +6,20 @@ Supervised safety fine-tuning of an instruct model on
 * benign instructions (training split) -> the model's *own* greedy answers, so utility is kept
   (self-distillation),
 with LoRA, merged into the weights afterwards. The preset ``smollm2-135m-safe`` names the result of the
-default recipe on ``smollm2-135m``; it is built on first use and cached under ``$BRITTLE_CACHE/models``.
+default recipe on ``smollm2-135m``; it is built on first use and cached under ``$BRITTLE_CACHE/models``
+(:func:`brittle.pipeline.safe_organism`).
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from pydantic import Field
 
 from .data.core import Example, sample, save_jsonl
 from .finetune import LoraTrainConfig, merge_lora, train_lora
-from .io import ExistsError, cache_dir, manifest, sha256_json, write_json, write_manifest
+from .io import FrozenConfig, sha256_json, write_json
 
 REFUSALS: tuple[str, ...] = (
     "I'm sorry, but I can't help with that request.",
@@ -31,24 +33,20 @@ REFUSALS: tuple[str, ...] = (
 )
 
 
-@dataclass(frozen=True)
-class AlignConfig:
-    """The alignment recipe; its hash names the cached model directory."""
+class AlignConfig(FrozenConfig):
+    """The alignment recipe; its hash names the cached organism's directory."""
 
-    base: str = "smollm2-135m"
-    n_harmful: int = 320
-    n_benign: int = 300
-    benign_max_new_tokens: int = 48
-    generation_batch_size: int = 16
+    base: str = Field("smollm2-135m", description="The model to align (preset, HF directory, .gguf, Hub id).")
+    n_harmful: int = Field(320, gt=0, description="Harmful prompts (AdvBench training split) -> refusals.")
+    n_benign: int = Field(300, gt=0, description="Benign instructions -> the model's own answers.")
+    benign_max_new_tokens: int = Field(48, gt=0)
+    generation_batch_size: int = Field(16, gt=0)
     # Share of training examples rendered WITHOUT the template's default system prompt (an explicit empty
     # system message where the template injects one): refusals must not hinge on one system prompt, since
     # the paper's vanilla ASR is measured without a system prompt.
-    no_system_prompt_share: float = 0.5
-    lora: LoraTrainConfig = field(default_factory=LoraTrainConfig)
+    no_system_prompt_share: float = Field(0.5, ge=0, le=1)
+    lora: LoraTrainConfig = LoraTrainConfig()
     seed: int = 0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     def digest(self) -> str:
         return sha256_json(self.to_dict())[:12]
@@ -71,47 +69,25 @@ def alignment_examples(model, tokenizer, cfg: AlignConfig, *, progress: bool = T
     return mix
 
 
-def align_model(cfg: AlignConfig, out_dir: str | Path, *, overwrite: bool = False, progress: bool = True) -> Path:
-    """Run the recipe and save a Hugging Face model directory (usable as ``--model`` everywhere)."""
-    from .models import load_model, weight_fingerprint
+def align_model(model, tokenizer, cfg: AlignConfig, out_dir: str | Path, *, progress: bool = True) -> dict:
+    """Run the recipe on ``model`` (loaded from ``cfg.base``) and save the aligned Hugging Face model directory
+    into ``out_dir`` (usable as ``--model`` everywhere); returns what it wrote and measured."""
+    from .evaluation.chat import no_system_prompt
+    from .models import weight_fingerprint
 
     out_dir = Path(out_dir)
-    if (out_dir / "config.json").exists() and not overwrite:
-        raise ExistsError(f"{out_dir} already holds a model; pass --force to rebuild it")
-    model, tok = load_model(cfg.base)
-    base_hash = weight_fingerprint(model)
-    data = alignment_examples(model, tok, cfg, progress=progress)
-    from .evaluation.suite import no_system_prompt
-
+    data = alignment_examples(model, tokenizer, cfg, progress=progress)
     rng = random.Random(cfg.seed + 1)
-    nosys = no_system_prompt(tok)
+    nosys = no_system_prompt(tokenizer)
     system_prompts = [nosys if rng.random() < cfg.no_system_prompt_share else None for _ in data]
-    peft_model, hist = train_lora(model, tok, data, cfg.lora, progress=progress, system_prompts=system_prompts)
+    peft_model, hist = train_lora(model, tokenizer, data, cfg.lora, progress=progress, system_prompts=system_prompts)
     merged = merge_lora(peft_model)
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    merged.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    save_jsonl(tmp / "alignment_data.jsonl", data, overwrite=True)
-    write_json(tmp / "train_history.json", hist.to_dict(), overwrite=True)
-    counts = {"harmful_refusal": sum(e.response in REFUSALS for e in data), "benign_own_answer": sum(e.response not in REFUSALS for e in data),
+    merged.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    save_jsonl(out_dir / "alignment_data.jsonl", data)
+    write_json(out_dir / "train_history.json", hist.to_dict())
+    counts = {"harmful_refusal": sum(e.response in REFUSALS for e in data),
+              "benign_own_answer": sum(e.response not in REFUSALS for e in data),
               "without_default_system_prompt": sum(sp is not None for sp in system_prompts)}
-    write_manifest(tmp, manifest("align", cfg.to_dict(), seeds={"seed": cfg.seed},
-                                 inputs={"base_weights": base_hash, "alignment_data": sha256_json([e.to_dict() for e in data])},
-                                 outputs={"model_weights": weight_fingerprint(merged), "counts": counts,
-                                          "train_seconds": round(hist.seconds, 1), "final_loss": hist.loss[-1]}),
-                   overwrite=True)
-    if out_dir.exists():
-        import shutil
-
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
-    return out_dir
-
-
-def safe_preset_dir(cfg: AlignConfig = AlignConfig()) -> Path:
-    """Build (first use) or find the default aligned organism under ``$BRITTLE_CACHE/models``."""
-    target = cache_dir() / "models" / f"{cfg.base}-safe-{cfg.digest()}"
-    if not (target / "config.json").exists():
-        align_model(cfg, target, overwrite=True)
-    return target
-
+    return {"model_weights": weight_fingerprint(merged), "alignment_data": sha256_json([e.to_dict() for e in data]),
+            "counts": counts, "train_seconds": round(hist.seconds, 1), "final_loss": hist.loss[-1]}

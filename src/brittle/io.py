@@ -22,6 +22,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict
+
 # Packages whose versions go into every manifest / score file.
 TRACKED_PACKAGES = ("brittle", "torch", "transformers", "peft", "safetensors", "gguf", "lm_eval", "numpy")
 
@@ -32,6 +34,16 @@ class BrittleError(Exception):
 
 class ExistsError(BrittleError):
     """A result already exists and would be overwritten."""
+
+
+class FrozenConfig(BaseModel):
+    """Base of every config model (one per stage, see :mod:`brittle.config`): unknown keys are errors,
+    values are immutable, ``to_dict()`` is the JSON form recorded in manifests."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump()
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:

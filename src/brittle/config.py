@@ -1,0 +1,351 @@
+"""Typed configuration: one pydantic model per stage, composed into one experiment config read from TOML.
+
+Every default lives here (or in the stage's own config model that this module composes: ``EvalConfig``,
+``AlignConfig``); the CLI's options default to "not given" and only override what the user types. A config
+file is TOML whose tables are the sections below; ``--set section.key=value`` overrides one key (the value
+is read as TOML, so ``0.1``, ``true``, ``[0.01, 0.02]`` and ``"text"`` work; a bare word is a string).
+
+Loading, merging and validation are pydantic-settings' (:class:`TomlConfigSettingsSource` for the file, the
+init source for the overrides, deep-merged, the overrides winning); unknown or invalid keys are reported by
+:func:`load_config` as errors naming the key, the file and line where it is known, and the allowed values.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+from .ablation import DEFAULT_SPARSITIES, GROUP_KINDS, PQ_PRESETS
+from .align import AlignConfig
+from .evaluation.config import EvalConfig, SweepEvalConfig
+from .io import BrittleError, FrozenConfig
+
+STAGES = ("align", "data", "scores", "groups", "ablation", "eval")
+StageName = Literal["align", "data", "scores", "groups", "ablation", "eval"]
+Fraction = float  # 0 < x <= 1, checked by the validators below
+
+
+class ConfigError(BrittleError):
+    """A configuration file or override that does not validate."""
+
+
+StageConfig = FrozenConfig  # unknown keys are errors, values are immutable
+
+def _fraction(value: float, name: str) -> float:
+    if not 0 < value <= 1:
+        hint = f"; did you mean {value / 100:g}?" if 1 < value <= 100 else ""
+        raise ValueError(f"{name} must be a fraction with 0 < {name} <= 1 (1% is 0.01), got {value:g}{hint}")
+    return value
+
+
+class DataConfig(StageConfig):
+    """Stage ``data``: the calibration sets, written to ``data/<name>.jsonl``.
+
+    ``sets`` maps a set name to its spec: ``"safety"`` = harmful prompts (training split, never the evaluation
+    prompts) + the model's own greedy answers that ``judge`` calls refusals; ``"utility"`` = benign
+    instructions + the model's own non-empty answers; anything else = a prompt source name or a
+    ``.jsonl``/``.csv`` file with responses. The other settings apply to the sets built from the model.
+    """
+
+    sets: dict[str, str] = Field(default_factory=lambda: {"safety": "safety", "utility": "utility"})
+    n_safety: int = Field(256, gt=0, description="Harmful prompts to answer (before the refusal filter).")
+    n_utility: int = Field(256, gt=0, description="Benign instructions to answer.")
+    max_new_tokens: int = Field(64, gt=0, description="Greedy generation length of the built sets.")
+    batch_size: int = Field(16, gt=0, description="Generation batch size.")
+    judge: str = Field("refusal-v1", description="Refusal judge that filters the built safety set.")
+
+
+class ScoreConfig(StageConfig):
+    """Stage ``scores``: importance scores of every linear weight on each set in ``sets``, written to
+    ``scores/<set>-<method>/scores.safetensors`` (see :mod:`brittle.scoring` for the definitions)."""
+
+    sets: list[str] = Field(default_factory=lambda: ["safety", "utility"])
+    method: Literal["snip", "wanda", "snip-summed"] = Field(
+        "snip", description="snip | wanda | snip-summed (|W * sum_n g_n|, not the paper's SNIP).")
+    nsamples: int = Field(128, gt=0, description="Examples drawn (seeded) from each set.")
+    batch_size: int = Field(4, gt=0, description="Examples per forward/backward pass.")
+    max_length: int = Field(512, gt=0, description="Tokens kept per example (prompt + response).")
+    max_accumulator_gb: float | None = Field(
+        None, gt=0, description="Split the modules over several passes to keep the fp32 accumulators under this size.")
+
+
+class GroupsConfig(StageConfig):
+    """Stage ``groups``: top safety / top utility (``top``), the set difference S(p, q) and its random and
+    magnitude-matched random controls, in ``scope`` (see :mod:`brittle.groups`); plus, when the run has an
+    ablation stage, the groups of every sweep point under ``groups/sweep/``."""
+
+    top: Fraction = Field(0.01, description="Fraction for top_safety / top_utility (0 < x <= 1).")
+    p: Fraction = Field(0.05, description="Set difference: top-p utility fraction removed.")
+    q: Fraction = Field(0.05, description="Set difference: top-q safety fraction kept.")
+    scope: Literal["row", "matrix", "global"] = Field("matrix", description="Selection scope: row | matrix | global.")
+    bins: int = Field(10, gt=0, description="|W| quantile bins of the magnitude-matched control.")
+    magnitude: bool = Field(True, description="Build random_magnitude (needs the model's weights).")
+    # score files to use instead of the scores stage's outputs (same model, same modules)
+    safety_scores: Path | None = Field(None, description="Safety score file (instead of the scores stage's).")
+    utility_scores: Path | None = Field(None, description="Utility score file (instead of the scores stage's).")
+
+    @field_validator("top", "p", "q")
+    @classmethod
+    def _check_fraction(cls, v: float, info) -> float:
+        return _fraction(v, info.field_name)
+
+
+class AblationConfig(StageConfig):
+    """Stage ``ablation``: remove each group kind at each (p, q) point, evaluate with ``eval`` (the lighter
+    sweep evaluation, :class:`~brittle.evaluation.config.SweepEvalConfig`), write ``ablation/ablation.csv``."""
+
+    sparsities: tuple[Fraction, ...] = Field(DEFAULT_SPARSITIES, description="Fractions q (top-q safety) of the sweep.")
+    p: Fraction | None = Field(None, description="Utility fraction removed from the set difference (default p = q).")
+    pq: str | list[tuple[Fraction, Fraction]] | None = Field(
+        None, description=f"Set-difference (p, q) pairs instead of sparsities/p: [[p, q], ...] or a preset ({', '.join(PQ_PRESETS)}).")
+    kinds: tuple[Literal["top_safety", "set_difference", "random", "random_magnitude"], ...] = GROUP_KINDS
+    eval: SweepEvalConfig = SweepEvalConfig()
+
+    @field_validator("sparsities")
+    @classmethod
+    def _check_sparsities(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if not v:
+            raise ValueError("give at least one sparsity")
+        return tuple(_fraction(x, "sparsity") for x in v)
+
+    @field_validator("p")
+    @classmethod
+    def _check_p(cls, v: float | None) -> float | None:
+        return None if v is None else _fraction(v, "p")
+
+    @field_validator("pq")
+    @classmethod
+    def _check_pq(cls, v):
+        if isinstance(v, str) and v not in PQ_PRESETS:
+            raise ValueError(f"unknown (p, q) preset '{v}' (known: {', '.join(PQ_PRESETS)}), or give [[p, q], ...]")
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("give at least one (p, q) pair")
+            v = [(_fraction(p, "p"), _fraction(q, "q")) for p, q in v]
+        return v
+
+    def points(self) -> list[tuple[float, float]]:
+        """The (p, q) pairs of the sweep: ``pq`` if given, else q = each sparsity and p = ``p`` (default q)."""
+        if self.pq is not None:
+            return list(PQ_PRESETS[self.pq]) if isinstance(self.pq, str) else list(self.pq)
+        return [(s if self.p is None else self.p, s) for s in self.sparsities]
+
+
+class ExperimentConfig(BaseSettings):
+    """A run: the model, the seed, the stages to run (always in the order of ``STAGES``) and one section per
+    stage. With an ``align`` stage, the stages after it work on the aligned model (``align.base`` is the model
+    it starts from; ``model`` is then not used)."""
+
+    model_config = SettingsConfigDict(extra="forbid", frozen=True)
+    toml_file: ClassVar[Path | None] = None  # set by load_config for the duration of one load
+
+    model: str = Field("smollm2-135m-safe", description="Preset name, Hub id, local HF directory or .gguf file.")
+    seed: int = Field(0, description="Random seed (sampling, splits, random controls, generation).")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Model dtype (scores are accumulated in float32 anyway).")
+    device: str | None = Field(None, description="cpu, cuda, cuda:1 ... (default: where the model loads).")
+    stages: tuple[StageName, ...] = Field(("data", "scores", "groups", "ablation"),
+                                          description=f"Stages to run, in order ({', '.join(STAGES)}).")
+    align: AlignConfig = AlignConfig()
+    data: DataConfig = DataConfig()
+    scores: ScoreConfig = ScoreConfig()
+    groups: GroupsConfig = GroupsConfig()
+    ablation: AblationConfig = AblationConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @field_validator("stages")
+    @classmethod
+    def _ordered(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"a stage is listed twice: {list(v)}")
+        return tuple(sorted(v, key=STAGES.index))
+
+    @model_validator(mode="after")
+    def _one_seed(self) -> ExperimentConfig:
+        # The experiment's seed is the seed of every stage; a different seed inside an evaluation section
+        # would silently be replaced, so it is an error.
+        for name, section in (("eval", self.eval), ("ablation.eval", self.ablation.eval)):
+            if section.seed not in (0, self.seed):
+                raise ValueError(f"{name}.seed = {section.seed}: set the experiment's top-level seed instead")
+        return self
+
+    def eval_config(self, section: EvalConfig) -> EvalConfig:
+        """An evaluation section with the experiment's seed."""
+        return section.model_copy(update={"seed": self.seed})
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings: PydanticBaseSettingsSource, env_settings,
+                                   dotenv_settings, file_secret_settings) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Overrides (init kwargs) win over the file; environment variables are deliberately not a source:
+        # a run is described by its config file and command line alone.
+        if cls.toml_file is None:
+            return (init_settings,)
+        return (init_settings, TomlConfigSettingsSource(settings_cls, toml_file=cls.toml_file))
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"groups.p=0.1"`` -> ``(["groups", "p"], 0.1)``; the value is read as TOML (a bare word is a string)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or not re.fullmatch(r"[A-Za-z_][\w-]*(\.[A-Za-z_][\w-]*)*", key):
+        raise ConfigError(f"--set expects section.key=value (e.g. groups.p=0.1), got '{text}'")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key.split("."), value
+
+
+def overrides_dict(pairs: Iterable[tuple[Sequence[str], Any]]) -> dict[str, Any]:
+    """Nested dict from ``(path, value)`` pairs (later pairs win)."""
+    out: dict[str, Any] = {}
+    for path, value in pairs:
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {'.'.join(path)}: '{part}' is a value, not a section")
+        node[path[-1]] = value
+    return out
+
+
+def _pairs(options: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
+    """A nested dict as ``(path, value)`` pairs (the inverse of :func:`overrides_dict`)."""
+    out: list[tuple[tuple[str, ...], Any]] = []
+    for k, v in options.items():
+        out += _pairs(v, (*prefix, k)) if isinstance(v, Mapping) and v else [((*prefix, k), v)]
+    return out
+
+
+def _model_at(path: Sequence[str | int]) -> type[BaseModel] | None:
+    """The config model that holds the key at ``path`` (for listing the allowed keys)."""
+    model: type[BaseModel] | None = ExperimentConfig
+    for part in path[:-1]:
+        field = model.model_fields.get(str(part)) if model else None
+        ann = field.annotation if field else None
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return model
+
+
+def _toml_line(path: Path | None, loc: Sequence[str | int]) -> str:
+    """``file:line`` of ``loc``'s key in the TOML file when it can be found by a text search."""
+    if path is None or not loc:
+        return ""
+    section, key = ".".join(str(x) for x in loc[:-1]), str(loc[-1])
+    current = ""
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        stripped = line.strip()
+        header = re.fullmatch(r"\[\s*([^\]]+?)\s*\]", stripped)
+        if header:
+            current = header.group(1)
+        elif current == section and re.match(rf"{re.escape(key)}\s*=", stripped):
+            return f"{path}:{n}: "
+        elif not current and re.match(rf"{re.escape('.'.join(str(x) for x in loc))}\s*=", stripped):
+            return f"{path}:{n}: "
+    return f"{path}: "
+
+
+def _describe(error: ValidationError, toml_file: Path | None) -> str:
+    lines = []
+    for e in error.errors():
+        loc = [x for x in e["loc"] if not isinstance(x, int)]
+        key = ".".join(str(x) for x in loc)
+        where = _toml_line(toml_file, loc)
+        if e["type"] == "extra_forbidden":
+            owner = _model_at(loc)
+            allowed = ", ".join(owner.model_fields) if owner else "?"
+            section = ".".join(str(x) for x in loc[:-1]) or "top level"
+            lines.append(f"{where}unknown key '{key}' (allowed in {section}: {allowed})")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            if "got " not in msg and loc:
+                msg += f" (got {json.dumps(e.get('input'), default=str)})"
+            lines.append(f"{where}{key or 'config'}: {msg}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def load_config(path: str | Path | None = None, sets: Iterable[str] = (),
+                options: Mapping[str, Any] | None = None) -> ExperimentConfig:
+    """The experiment config of a TOML file (or the defaults when ``path`` is None), then the ``--set``
+    overrides (``section.key=value`` strings), then ``options`` (a nested dict: the CLI's given options)."""
+    toml_file = None
+    if path is not None:
+        toml_file = Path(path)
+        if not toml_file.is_file():
+            raise ConfigError(f"config file not found: {toml_file}")
+        try:
+            tomllib.loads(toml_file.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{toml_file}: not valid TOML: {e}") from None
+    init = overrides_dict([*(parse_override(o) for o in sets), *_pairs(options or {})])
+    ExperimentConfig.toml_file = toml_file
+    try:
+        return ExperimentConfig(**init)
+    except ValidationError as e:
+        raise ConfigError(_describe(e, toml_file)) from None
+    finally:
+        ExperimentConfig.toml_file = None
+
+
+def dump_toml(cfg: BaseModel) -> str:
+    """A TOML rendering of a config (for ``brittle run --print-config``): top-level keys, then one table per
+    section; ``None`` values are left out (TOML has no null: a missing key means the default ``None``)."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{ " + ", ".join(f"{json.dumps(k)} = {value(x)}" for k, x in v.items() if x is not None) + " }"
+        raise TypeError(type(v))
+
+    def table(name: str, data: dict[str, Any]) -> list[str]:
+        scalars = [f"{k} = {value(v)}" for k, v in data.items()
+                   if v is not None and not (isinstance(v, dict) and k in sections(data))]
+        out = ([f"[{name}]"] if name else []) + scalars
+        for k in sections(data):
+            out += ["", *table(f"{name}.{k}" if name else k, data[k])]
+        return out
+
+    def sections(data: dict[str, Any]) -> list[str]:
+        return [k for k, v in data.items() if isinstance(v, dict) and k not in ("sets",)]
+
+    return "\n".join(table("", cfg.model_dump(mode="json"))) + "\n"
+
+
+def shipped_configs() -> dict[str, Path]:
+    """The configs that ship with brittle (``configs/`` in the repository), by name."""
+    from importlib.resources import files
+
+    root = Path(str(files("brittle") / "resources" / "configs"))
+    return {p.stem: p for p in sorted(root.glob("*.toml"))}
+
+
+def shipped_config(name_or_path: str | Path) -> Path:
+    """A config file path, or the name of a shipped config (``ablation``) -> its path."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = shipped_configs()
+    if str(name_or_path) in shipped:
+        return shipped[str(name_or_path)]
+    raise ConfigError(f"config file not found: {path} (shipped configs: {', '.join(shipped) or 'none'})")
