@@ -38,3 +38,15 @@ def num_threads(request):
     torch.set_num_threads(n)
     yield n
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(smol_tokenizer, tmp_path_factory) -> str:
+    """A tiny random Llama (seed 0) with the SmolLM2 tokenizer, saved as a Hugging Face model directory.
+    Shared by the whole session: tests read it and never write into it."""
+    from brittle.testing import tiny_model
+
+    d = tmp_path_factory.mktemp("tiny-llama") / "m"
+    tiny_model("llama", vocab_size=len(smol_tokenizer)).save_pretrained(d)
+    smol_tokenizer.save_pretrained(d)
+    return str(d)

@@ -7,7 +7,7 @@ Supervised safety fine-tuning of an instruct model on
   (self-distillation),
 with LoRA, merged into the weights afterwards. The preset ``smollm2-135m-safe`` names the result of the
 default recipe on ``smollm2-135m``; it is built on first use and cached under ``$BRITTLE_CACHE/models``
-(:func:`brittle.pipeline.safe_organism`).
+(:func:`brittle.presets.safe_organism`).
 """
 
 from __future__ import annotations
@@ -71,7 +71,8 @@ def alignment_examples(model, tokenizer, cfg: AlignConfig, *, progress: bool = T
 
 def align_model(model, tokenizer, cfg: AlignConfig, out_dir: str | Path, *, progress: bool = True) -> dict:
     """Run the recipe on ``model`` (loaded from ``cfg.base``) and save the aligned Hugging Face model directory
-    into ``out_dir`` (usable as ``--model`` everywhere); returns what it wrote and measured."""
+    into ``out_dir`` (usable as ``--model`` everywhere); returns what it wrote and measured. The adapters are
+    merged into ``model`` itself: afterwards it holds the aligned weights."""
     from .evaluation.chat import no_system_prompt
     from .models import weight_fingerprint
 
