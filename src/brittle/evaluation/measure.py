@@ -75,11 +75,11 @@ class Generator:
     tokenizer: Any
     judges: Judges
     progress: bool = True
-    say: Callable[[str], None] = lambda s: None
+    log: Callable[[str], None] = lambda s: None
 
     def run(self, variant: str, examples: list[Example], gcfg: GenerationConfig, suffix: str = "") -> Run:
         t = time.perf_counter()
-        self.say(f"[{variant}] {len(examples)} prompts x {gcfg.num_samples} sample(s)")
+        self.log(f"[{variant}] {len(examples)} prompts x {gcfg.num_samples} sample(s)")
         prompts = [e.prompt for e in examples]
         answers = generate(self.model, self.tokenizer, prompts, gcfg, suffix=(" " + suffix) if suffix else "",
                            progress=self.progress, desc=variant)
@@ -187,14 +187,14 @@ def safety_by_judge(runs: Mapping[str, Run], judges: Sequence[str], suffix_names
 
 
 def perplexity_part(model, tokenizer, examples: list[Example], cfg: EvalConfig, *, progress: bool,
-                    say: Callable[[str], None]) -> tuple[dict[str, Any], float | None]:
+                    log: Callable[[str], None]) -> tuple[dict[str, Any], float | None]:
     """``perplexity`` and ``perplexity_detail`` of the reference answers (``None`` without examples), and seconds."""
     if not examples:
         return {"perplexity": None, "perplexity_detail": None}, None
     from .utility import perplexity
 
     t = time.perf_counter()
-    say(f"[perplexity] {len(examples)} reference answers ({cfg.perplexity_data})")
+    log(f"[perplexity] {len(examples)} reference answers ({cfg.perplexity_data})")
     ppl = perplexity(model, tokenizer, examples, batch_size=8, max_length=cfg.perplexity_max_length, progress=progress)
     seconds = round(time.perf_counter() - t, 1)
     detail = dict(ppl, data=cfg.perplexity_data,
@@ -202,7 +202,7 @@ def perplexity_part(model, tokenizer, examples: list[Example], cfg: EvalConfig, 
     return {"perplexity": round(ppl["value"], 4), "perplexity_detail": detail}, seconds
 
 
-def accuracy_part(model, tokenizer, cfg: EvalConfig, *, say: Callable[[str], None]) -> tuple[dict[str, Any], float | None]:
+def accuracy_part(model, tokenizer, cfg: EvalConfig, *, log: Callable[[str], None]) -> tuple[dict[str, Any], float | None]:
     """``accuracy`` (per task and ``mean``) and ``accuracy_detail`` of the zero-shot tasks (``None`` without
     tasks), and seconds."""
     if not cfg.tasks:
@@ -210,7 +210,7 @@ def accuracy_part(model, tokenizer, cfg: EvalConfig, *, say: Callable[[str], Non
     from .zeroshot import zero_shot_accuracy
 
     t = time.perf_counter()
-    say(f"[zero-shot] {', '.join(cfg.tasks)} (limit {cfg.limit} per task)")
+    log(f"[zero-shot] {', '.join(cfg.tasks)} (limit {cfg.limit} per task)")
     detail = zero_shot_accuracy(model, tokenizer, cfg.tasks, limit=cfg.limit, batch_size=cfg.zeroshot_batch_size,
                                 task_dirs=cfg.task_dirs, seed=cfg.seed)
     accuracy = {task: round(r["acc"], 4) for task, r in detail.items()}

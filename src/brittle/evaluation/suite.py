@@ -155,13 +155,13 @@ def evaluate_model(
     cfg = config or EvalConfig()
     out_dir = Path(out_dir)
     _check_free(out_dir, overwrite)
-    say = log or (lambda s: None)
+    log = log or (lambda s: None)
     inputs = _inputs if _inputs is not None else prepare_inputs(cfg)
     harmful = inputs.harmful
     nosys = no_system_prompt(tokenizer)
     sys_prompt = resolve_system_prompt(cfg.system_prompt)
     fingerprint = weight_fingerprint(model)
-    gen = Generator(model, tokenizer, inputs.judges, progress, say)
+    gen = Generator(model, tokenizer, inputs.judges, progress, log)
 
     t0 = time.perf_counter()
     runs, notes = vanilla_variants(gen, harmful, cfg, nosys, sys_prompt)
@@ -170,8 +170,8 @@ def evaluate_model(
     runs |= suffix_runs
     runs |= refusal_variants(gen, inputs.extra_sets, inputs.benign, inputs.edgy, cfg, nosys)
     by_judge = safety_by_judge(runs, inputs.judges.names, list(suffix_runs), list(inputs.extra_sets))
-    ppl, ppl_seconds = perplexity_part(model, tokenizer, inputs.perplexity, cfg, progress=progress, say=say)
-    acc, acc_seconds = accuracy_part(model, tokenizer, cfg, say=say)
+    ppl, ppl_seconds = perplexity_part(model, tokenizer, inputs.perplexity, cfg, progress=progress, log=log)
+    acc, acc_seconds = accuracy_part(model, tokenizer, cfg, log=log)
     timings = {name: run.seconds for name, run in runs.items()}
     timings |= {k: x for k, x in (("perplexity", ppl_seconds), ("zeroshot", acc_seconds)) if x is not None}
     timings["total"] = round(time.perf_counter() - t0, 1)
