@@ -11,7 +11,7 @@ import torch
 from brittle.config import load_config
 from brittle.data import load_file
 from brittle.data.build import build_prompts, keep_answers
-from brittle.data.core import make_examples
+from brittle.data.core import DataError, make_examples
 from brittle.models import weight_fingerprint
 from brittle.pipeline import data_stage
 from brittle.stage import RunContext, StageMismatchError
@@ -84,7 +84,7 @@ def test_user_files_are_copied_without_loading_the_model(tmp_path):
     res = data_stage(ctx, cfg)  # an unknown model name would fail if it were loaded
     assert [e.response for e in load_file(res.path("pairs"))] == ["Hello"] and "model_weights" not in res.manifest["inputs"]
     src.write_text(json.dumps({"prompt": "Hi", "response": "Changed"}) + "\n")
-    with pytest.raises(StageMismatchError, match=r"inputs\.file:pairs"):
+    with pytest.raises(StageMismatchError, match=r"inputs\.set:pairs"):
         data_stage(ctx, cfg)
 
 
@@ -99,3 +99,17 @@ def test_built_prompts_and_filters():
     assert [e.response for e in kept] == ["a", "b"] and counts["dropped"] == 1
     with pytest.raises(ValueError, match="verdicts"):
         keep_answers("safety", prompts, ["a", "b", "c"])
+
+
+def test_an_empty_built_safety_set_stops_scoring_with_the_reason(tiny, tmp_path):
+    from brittle.pipeline import scores_stage
+
+    spec, model, tok = tiny
+    # the refusal-v1 judge does not call four repeated words a refusal: nothing is kept
+    cfg = load_config(None, [f"model={json.dumps(spec)}", "data.n_safety=3", "data.n_utility=2",
+                             "data.max_new_tokens=4", "scores.nsamples=2"])
+    ctx = _ctx(tmp_path, spec, model, tok)
+    res = data_stage(ctx, cfg)
+    assert res.outputs["safety"]["kept"] == 0 and res.outputs["safety"]["n"] == 0
+    with pytest.raises(DataError, match=r"the set 'safety' .* is empty -- the model refused none"):
+        scores_stage(ctx, cfg, "safety")

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from .config import ExperimentConfig
-from .io import BrittleError, sha256_file
+from .data.core import DataError
+from .io import BrittleError, sha256_file, sha256_json
 from .stage import RunContext, StageResult, file_outputs, run_stage
 
 # --------------------------------------------------------------------------------------------------
@@ -73,9 +74,9 @@ def data_stage(ctx: RunContext, cfg: ExperimentConfig) -> StageResult:
     inputs: dict[str, Any] = {}
     if built:
         inputs["model_weights"] = run_model(ctx, cfg)[2]
-    for name, spec in data.sets.items():
-        if spec not in BUILT_SETS and Path(spec).is_file():
-            inputs[f"file:{name}"] = sha256_file(spec)
+    loaded = {name: load_examples(spec) for name, spec in data.sets.items() if spec not in BUILT_SETS}
+    for name, examples in loaded.items():  # files and named sources: their content is an input
+        inputs[f"set:{name}"] = sha256_json([e.to_dict() for e in examples])
 
     def produce(folder: Path) -> dict[str, Any]:
         from .evaluation.generation import GenerationConfig, generate
@@ -98,7 +99,7 @@ def data_stage(ctx: RunContext, cfg: ExperimentConfig) -> StageResult:
                     ctx.log(f"[data] {note}")
         outputs: dict[str, Any] = {}
         for name, spec in data.sets.items():
-            examples, counts = made[spec] if spec in made else (load_examples(spec), {})
+            examples, counts = made[spec] if spec in made else (loaded[name], {})
             save_jsonl(folder / f"{name}.jsonl", examples)
             outputs[name] = {**file_outputs(folder, {name: f"{name}.jsonl"})[name], "source": spec,
                              "n": len(examples), **counts}
@@ -117,6 +118,10 @@ def scores_stage(ctx: RunContext, cfg: ExperimentConfig, set_name: str) -> Stage
     if data is None or set_name not in data.outputs:
         raise BrittleError(f"scores: no set '{set_name}' in the data stage (its sets: "
                            f"{', '.join(data.outputs) if data else 'none'}); add it to data.sets")
+    if not data.outputs[set_name]["n"]:
+        raise DataError(f"scores: the set '{set_name}' ({data.path(set_name)}) is empty"
+                        + (" -- the model refused none of the harmful prompts; score an aligned model or give a file"
+                           if data.outputs[set_name]["source"] == "safety" else ""))
     model, tok, fingerprint = run_model(ctx, cfg)
     settings = {"seed": cfg.seed, "set": set_name, **sc.to_dict()}
     settings.pop("sets")
@@ -212,11 +217,11 @@ def eval_stage(ctx: RunContext, cfg: ExperimentConfig) -> StageResult:
     from .evaluation.suite import evaluate_model, prepare_inputs
 
     eval_cfg = cfg.eval_config(cfg.eval)
-    prepare_inputs(eval_cfg)  # bad prompt files or judges fail before the model loads
+    inputs = prepare_inputs(eval_cfg)  # bad prompt files or judges fail before the model loads
     model, tok, fingerprint = run_model(ctx, cfg)
 
     def produce(folder: Path) -> dict[str, Any]:
-        summary = evaluate_model(model, tok, folder, eval_cfg, progress=ctx.progress, log=ctx.log)
+        summary = evaluate_model(model, tok, folder, eval_cfg, progress=ctx.progress, log=ctx.log, _inputs=inputs)
         ctx.log(summary_markdown(summary))
         return file_outputs(folder, {"summary": "summary.json", "markdown": "summary.md"})
 
