@@ -31,7 +31,7 @@ def sweep(model, safety, utility, points, folder):
     save_scores(folder / "utility.safetensors", utility, meta)
     weights = {n: linear_weight(m).detach() for n, m in linear_modules(model).items()}
     res = build_groups(folder / "safety.safetensors", folder / "utility.safetensors", folder / "groups",
-                       weights=weights, model_fingerprint=meta["model_hash"], sweep=points, sweep_kinds=GROUP_KINDS)
+                       top=0.01, p=0.05, q=0.05, scope="matrix", seed=0, bins=10, weights=weights, model_fingerprint=meta["model_hash"], sweep=points, sweep_kinds=GROUP_KINDS)
     return [SweepGroup(s["kind"], s["p"], s["q"], s["label"], load_group(folder / "groups" / s["file"])[0])
             for s in res.outputs["sweep"]]
 

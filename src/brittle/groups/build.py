@@ -100,8 +100,7 @@ def _check_sources(safety: Path, utility: Path, s_meta: Mapping[str, Any], u_met
 
 
 def build_groups(safety: str | os.PathLike[str], utility: str | os.PathLike[str], folder: str | os.PathLike[str], *,
-                 top: float = 0.01, p: float = 0.05, q: float = 0.05, scope: Scope = "matrix", seed: int = 0,
-                 bins: int = 10, weights: Mapping[str, torch.Tensor] | None = None,
+                 top: float, p: float, q: float, scope: Scope, seed: int, bins: int, weights: Mapping[str, torch.Tensor] | None = None,
                  model_fingerprint: str | None = None, magnitude: bool = True,
                  sweep: Sequence[tuple[float, float]] = (), sweep_kinds: Sequence[str] = ()) -> GroupsResult:
     """Compute the groups of two score files and write them into ``folder``.
@@ -113,7 +112,7 @@ def build_groups(safety: str | os.PathLike[str], utility: str | os.PathLike[str]
     equal the scores' ``model_hash`` when both are known), all in ``scope``. For every (p, q) in ``sweep``:
     the ``sweep_kinds`` of :func:`sweep_groups` as ``sweep/<label>.safetensors``, each label once, in the order
     the ablation evaluates them. Peak memory: the two score dicts (4 bytes per weight each) + 1 byte per weight
-    per group held.
+    per group held. The settings have no defaults here: the ``groups`` config section owns them.
     """
     top, p, q = check_fraction(top, "top"), check_fraction(p, "p"), check_fraction(q, "q")
     check_scope(scope)
