@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -82,8 +82,16 @@ def train_lora(
     progress: bool = True,
     on_step: Callable[[int, float, object], None] | None = None,
     system_prompts: Sequence[str | None] | None = None,
+    full: bool = False,
+    freeze: Mapping[str, torch.Tensor] | None = None,
+    freeze_mode: str = "weights",
 ):
-    """Train LoRA adapters on ``examples``; returns ``(peft_model, TrainHistory)``.
+    """Train LoRA adapters (or, with ``full``, every parameter; ``cfg``'s LoRA settings are then unused) on
+    ``examples``; returns ``(trained_model, TrainHistory)``; :func:`merge_lora` folds the training into a plain
+    model.
+
+    ``freeze`` (a group: canonical module name -> bool mask) holds those weight entries fixed in
+    ``freeze_mode`` (see :mod:`brittle.freeze`); bad groups are reported before training starts.
 
     ``system_prompts`` (one per example, ``None`` = the chat template's default) lets a recipe render some
     examples with and some without a system prompt.
@@ -99,7 +107,22 @@ def train_lora(
     empty = [e.id for e, x in zip(examples, encoded, strict=True) if int((x["labels"] != -100).sum()) == 0]
     if empty:
         raise BrittleError(f"{len(empty)} examples have no response tokens after truncation to {cfg.max_length} (e.g. {empty[0]})")
-    peft_model = make_lora_model(model, cfg)
+    freezer = None
+    if full:
+        peft_model = model
+        for p in peft_model.parameters():
+            p.requires_grad_(True)
+    else:
+        peft_model = make_lora_model(model, cfg)
+    if freeze is not None:
+        from .freeze import Freezer, _lora_layers, check_freeze
+
+        if freeze_mode == "weights" and cfg.dropout > 0:
+            raise BrittleError("freeze mode 'weights' needs LoRA dropout 0 (the masked update is exact only then)")
+        adapted = None if full else set(_lora_layers(peft_model))
+        freezer = Freezer(peft_model, check_freeze(peft_model, freeze, freeze_mode, full=full, adapted=adapted),
+                          freeze_mode, full=full)
+    peft_model.brittle_freezer = freezer  # merge_lora applies the mode
     peft_model.train()
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -123,6 +146,8 @@ def train_lora(
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+            if freezer is not None:
+                freezer.after_step()
             step += 1
             hist.steps.append(step)
             value = float(loss.detach())
@@ -137,6 +162,16 @@ def train_lora(
     return peft_model, hist
 
 
-def merge_lora(peft_model):
-    """Fold the adapters into the base weights (in the base dtype) and return the plain model."""
-    return peft_model.merge_and_unload()
+def merge_lora(trained):
+    """The plain model of a :func:`train_lora` result: adapters folded into the base weights (in the base
+    dtype), with the freeze mode applied when the training froze a group (a fully fine-tuned model is
+    returned as it is, after a ``rewind``)."""
+    freezer = getattr(trained, "brittle_freezer", None)
+    if freezer is not None:
+        model = freezer.merge(trained)
+    elif getattr(trained, "peft_config", None) is not None:
+        model = trained.merge_and_unload()
+    else:
+        model = trained
+    model.eval()
+    return model
