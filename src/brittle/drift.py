@@ -1,0 +1,188 @@
+"""Drift of tracked weight groups during fine-tuning, measured live from the fp32 training state.
+
+At step t the drift of a tracked entry ``(i, j)`` of module ``W`` is ``Delta_ij = W_t[i, j] - W_0[i, j]``:
+
+* LoRA: ``Delta = s * B_t @ A_t`` (``s = alpha / r``), times ``(1 - M)`` for entries frozen in ``weights``
+  mode; only the tracked entries are formed, from the factors (``O(nnz * r)``), never from a merged copy;
+* full fine-tuning: ``W_t - W_0`` of the fp32 parameters (``W_0`` of the tracked entries kept from step 0),
+  differenced in float64 and rounded once.
+
+With ``rows`` freezing the frozen rows of ``B`` stay zero, so their drift is 0; with ``rewind`` the log shows the
+free training (the frozen entries are written back only into the merged model, after the last step).
+
+Per (step, group, module) :func:`drift_rows` reports, over the group's ``n`` entries in that module:
+
+* entry level: mean, median, 5/25/75/95 % quantiles and max of ``|Delta|``; the same of ``|Delta| / |w0|``
+  over the entries with ``|w0| >= rel_threshold`` (``n_rel_excluded`` counts the others: never silently
+  zeroed);
+* row ("neuron") level, for every output row ``i`` holding ``k_i >= 1`` of the group's entries ``J_i``:
+  ``cosine(W_0[i, J_i], W_t[i, J_i])``, ``||Delta[i, J_i]||_2`` and ``||Delta[i, J_i]|| / ||W_0[i, J_i]||``,
+  reported as the mean and median over those rows (``n_rows``);
+* ``adapted``: whether the fine-tuning can change the module at all (a LoRA target, or full fine-tuning); a
+  module it cannot change has ``Delta = 0`` by construction and is marked, so analyses can leave it out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .models import linear_modules, linear_weight
+
+QUANTILES = (0.05, 0.25, 0.75, 0.95)
+REL_THRESHOLD = 1e-6  # |w0| below this: |Delta|/|w0| is not reported for the entry (counted in n_rel_excluded)
+
+
+def _stats(values: torch.Tensor, prefix: str) -> dict[str, float]:
+    if values.numel() == 0:
+        return {f"{prefix}_{k}": float("nan") for k in ("mean", "median", *[f"q{int(q * 100):02d}" for q in QUANTILES], "max")}
+    v = values.double()
+    out = {f"{prefix}_mean": v.mean().item(), f"{prefix}_median": v.median().item()}
+    qs = torch.quantile(v, torch.tensor(QUANTILES, dtype=torch.float64)) if v.numel() < 2**24 else \
+        torch.quantile(v[:: max(1, v.numel() // 2**23)], torch.tensor(QUANTILES, dtype=torch.float64))
+    out.update({f"{prefix}_q{int(q * 100):02d}": x.item() for q, x in zip(QUANTILES, qs, strict=True)})
+    out[f"{prefix}_max"] = v.max().item()
+    return out
+
+
+def entry_stats(delta: torch.Tensor, w0: torch.Tensor, rows: torch.Tensor,
+                rel_threshold: float = REL_THRESHOLD) -> dict[str, float]:
+    """Statistics of one module's tracked entries: ``delta`` and ``w0`` are ``[n]`` (the entries in flat index
+    order), ``rows`` their output row indices (see the module docstring for the definitions)."""
+    d, w = delta.double(), w0.double()
+    absd = d.abs()
+    keep = w.abs() >= rel_threshold
+    out: dict[str, float] = {"n": int(d.numel()), "n_rel_excluded": int((~keep).sum())}
+    out.update(_stats(absd, "abs"))
+    out.update(_stats(absd[keep] / w.abs()[keep], "rel"))
+    if d.numel():
+        uniq, inv = torch.unique(rows, return_inverse=True)
+        zeros = torch.zeros(len(uniq), dtype=torch.float64)
+        wt = w + d
+        dot = zeros.index_add(0, inv, w * wt)
+        n0 = zeros.index_add(0, inv, w * w).sqrt()
+        nt = zeros.index_add(0, inv, wt * wt).sqrt()
+        nd = zeros.index_add(0, inv, d * d).sqrt()
+        cos = dot / (n0 * nt).clamp_min(1e-300)
+        rel = nd / n0.clamp_min(1e-300)
+        out.update({"n_rows": len(uniq), "row_cosine_mean": cos.mean().item(), "row_cosine_median": cos.median().item(),
+                    "row_l2_mean": nd.mean().item(), "row_l2_median": nd.median().item(),
+                    "row_rel_l2_mean": rel.mean().item(), "row_rel_l2_median": rel.median().item()})
+    else:
+        out.update({"n_rows": 0, **{k: float("nan") for k in ("row_cosine_mean", "row_cosine_median", "row_l2_mean",
+                                                               "row_l2_median", "row_rel_l2_mean", "row_rel_l2_median")}})
+    return out
+
+
+class DriftTracker:
+    """Records the drift of tracked groups while :func:`brittle.finetune.train_lora` runs.
+
+    Create it on the model *before* training (step 0 is recorded then: Delta = 0, and ``W_0`` of the tracked
+    entries is kept), pass :meth:`on_step` as ``train_lora``'s ``on_step``; every ``every`` optimiser steps (and
+    at :meth:`finish`) a row per (group, module) is added to :attr:`rows`.
+    """
+
+    def __init__(self, model, groups: Mapping[str, Mapping[str, torch.Tensor]], *, every: int,
+                 rel_threshold: float = REL_THRESHOLD):
+        if every < 1:
+            raise ValueError(f"drift must be recorded every N >= 1 steps, got {every}")
+        self.every, self.rel_threshold = every, rel_threshold
+        mods = linear_modules(model)
+        self.index: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.w0: dict[str, dict[str, torch.Tensor]] = {}
+        self.d_in = {n: linear_weight(m).shape[1] for n, m in mods.items()}
+        for gname, group in groups.items():
+            self.index[gname], self.w0[gname] = {}, {}
+            for mname, mask in group.items():
+                if mname not in mods:
+                    raise ValueError(f"tracked group '{gname}' names module '{mname}', which this model does not have")
+                if not bool(mask.any()):
+                    continue
+                rows, cols = mask.nonzero(as_tuple=True)
+                self.index[gname][mname] = (rows, cols)
+                self.w0[gname][mname] = linear_weight(mods[mname]).detach()[rows, cols].to(torch.float32).clone()
+        self.rows: list[dict[str, Any]] = []
+        self.last_step = -1
+        self._record(0, deltas={g: {m: torch.zeros_like(w) for m, w in ws.items()} for g, ws in self.w0.items()},
+                     adapted=None)
+
+    def deltas(self, model) -> tuple[dict[str, dict[str, torch.Tensor]], set[str]]:
+        """``({group: {module: Delta of its tracked entries}}, adapted modules)`` of the model now."""
+        freezer = getattr(model, "brittle_freezer", None)
+        frozen = freezer.group if freezer is not None and freezer.mode == "weights" else {}
+        if getattr(model, "peft_config", None) is not None:
+            from .freeze import _lora_layers, _masked_delta_values
+
+            layers = _lora_layers(model)
+            out: dict[str, dict[str, torch.Tensor]] = {}
+            with torch.no_grad():
+                for g, idx in self.index.items():
+                    out[g] = {}
+                    for m, (rows, cols) in idx.items():
+                        if m not in layers:
+                            out[g][m] = torch.zeros(len(rows), dtype=torch.float32)
+                            continue
+                        layer = layers[m]
+                        dev = next(iter(layer.lora_A.values())).weight.device
+                        d = sum(_masked_delta_values(layer, a, rows.to(dev), cols.to(dev)).float().cpu()
+                                for a in layer.active_adapters)
+                        if m in frozen:
+                            d = d.masked_fill(frozen[m].cpu()[rows, cols], 0.0)
+                        out[g][m] = d.detach()
+            return out, set(layers)
+        mods = linear_modules(model)
+        with torch.no_grad():
+            # the difference in float64, then rounded once: fp32 rounding relative to |Delta|, not to |W|
+            out = {g: {m: (linear_weight(mods[m]).detach()[rows, cols].double().cpu() - self.w0[g][m].double()).float()
+                       for m, (rows, cols) in idx.items()} for g, idx in self.index.items()}
+        trainable = {n for n, mod in mods.items() if linear_weight(mod).requires_grad}
+        return out, trainable
+
+    def _record(self, step: int, deltas, adapted: set[str] | None) -> None:
+        for g, per_module in deltas.items():
+            for m, d in per_module.items():
+                rows = self.index[g][m][0]
+                row = {"step": step, "group": g, "module": m, "layer": int(m.split(".")[1]), "type": m.split(".", 2)[2],
+                       "adapted": True if adapted is None else m in adapted}
+                row.update(entry_stats(d, self.w0[g][m], rows, self.rel_threshold))
+                self.rows.append(row)
+        self.last_step = step
+        self.final = deltas
+
+    def on_step(self, step: int, loss: float, model) -> None:
+        if step % self.every == 0:
+            self._record(step, *self.deltas(model))
+
+    def finish(self, step: int, model) -> None:
+        """Record the last step (if it was not just recorded): the final per-entry drift is :attr:`final`."""
+        if step != self.last_step:
+            self._record(step, *self.deltas(model))
+
+    def table(self):
+        import pandas as pd
+
+        return pd.DataFrame(self.rows)
+
+    def save(self, folder: str | Path) -> dict[str, str]:
+        """``drift.parquet`` (one row per step, group, module) and ``final/<group>.safetensors`` (per module the
+        final Delta of the group's entries, fp32, in the group's flat index order, with their flat indices)."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        (folder / "final").mkdir(parents=True, exist_ok=True)
+        self.table().to_parquet(folder / "drift.parquet", index=False)
+        files = {"table": "drift.parquet"}
+        for g, per_module in self.final.items():
+            tensors = {}
+            for m, d in per_module.items():
+                rows, cols = self.index[g][m]
+                tensors[f"{m}.delta"] = d.contiguous()
+                tensors[f"{m}.w0"] = self.w0[g][m].contiguous()
+                tensors[f"{m}.index"] = (rows.to(torch.int64) * self.d_in[m] + cols).contiguous()  # flat, [d_out, d_in]
+            save_file(tensors, str(folder / "final" / f"{g}.safetensors"), metadata={"step": str(self.last_step)})
+            files[f"final:{g}"] = f"final/{g}.safetensors"
+        return files
+
