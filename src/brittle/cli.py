@@ -50,8 +50,9 @@ def _show(value: Any) -> str:
     return "none" if value is None else str(value)
 
 
-def opt(key: str, *flags: str, help: str | None = None) -> Any:  # noqa: A002 - typer's name
-    """A typer option bound to config key ``key``; its help ends with the config's default."""
+def opt(key: str, *flags: str, help: str | None = None, required: bool = False) -> Any:  # noqa: A002 - typer's name
+    """A typer option bound to config key ``key``; its help ends with the config's default (unless the
+    command requires the option)."""
     from .config import ExperimentConfig
 
     node: Any = ExperimentConfig
@@ -60,7 +61,8 @@ def opt(key: str, *flags: str, help: str | None = None) -> Any:  # noqa: A002 - 
         node = node.model_fields[part].annotation
     text = help or node.model_fields[parts[-1]].description or ""
     BOUND_OPTIONS.setdefault("/".join(flags), set()).add(key)
-    return typer.Option(*flags, help=f"{text} (default: {_show(config_default(key))})", show_default=False)
+    default = "" if required else f" (default: {_show(config_default(key))})"
+    return typer.Option(*flags, help=text + default, show_default=False)
 
 
 def user_errors(fn):
@@ -227,8 +229,8 @@ def _score_model(path: Path) -> str | None:
 @app.command("groups")
 @user_errors
 def groups_cmd(
-    safety: Annotated[Path, opt("groups.safety_scores", "--safety")],
-    utility: Annotated[Path, opt("groups.utility_scores", "--utility")],
+    safety: Annotated[Path, opt("groups.safety_scores", "--safety", help="Safety score file (from `brittle score`).", required=True)],
+    utility: Annotated[Path, opt("groups.utility_scores", "--utility", help="Utility score file (same model, same modules).", required=True)],
     out: OutOpt,
     top: Annotated[float | None, opt("groups.top", "--top")] = None,
     p: Annotated[float | None, opt("groups.p", "--p")] = None,
@@ -277,8 +279,8 @@ def _pq(text: str) -> str | list[list[float]]:
 @app.command("ablate")
 @user_errors
 def ablate_cmd(
-    safety: Annotated[Path, opt("groups.safety_scores", "--safety")],
-    utility: Annotated[Path, opt("groups.utility_scores", "--utility")],
+    safety: Annotated[Path, opt("groups.safety_scores", "--safety", help="Safety score file (from `brittle score`).", required=True)],
+    utility: Annotated[Path, opt("groups.utility_scores", "--utility", help="Utility score file (same model, same modules).", required=True)],
     out: OutOpt,
     model: Annotated[str | None, typer.Option("--model", "-m", help="The scored model (default: the model named in the score files).")] = None,
     sparsities: Annotated[str | None, opt("ablation.sparsities", "--sparsities", help="Comma-separated fractions q (top-q safety).")] = None,
