@@ -58,33 +58,41 @@ def _stats(values: torch.Tensor, prefix: str) -> dict[str, float]:
     return out
 
 
-def entry_stats(delta: torch.Tensor, w0: torch.Tensor, rows: torch.Tensor,
-                rel_threshold: float = REL_THRESHOLD, row_ids: tuple[torch.Tensor, int] | None = None) -> dict[str, float]:
-    """Statistics of one module's tracked entries: ``delta`` and ``w0`` are ``[n]`` (the entries in flat index
-    order), ``rows`` their output row indices (see the module docstring for the definitions); ``row_ids`` =
-    ``(index of each entry's row among the distinct rows, number of distinct rows)`` when precomputed."""
-    d, w = delta.double(), w0.double()
-    absd = d.abs()
+def stats_context(w0: torch.Tensor, rows: torch.Tensor, rel_threshold: float = REL_THRESHOLD) -> dict[str, Any]:
+    """What :func:`entry_stats` needs of ``W_0`` and the rows, computed once per tracked module (it does not
+    change during training): float64 ``w0``, the kept entries of the relative change and their ``|w0|``, each
+    entry's row among the distinct rows, and the rows' ``||W_0[i, J_i]||^2``."""
+    w = w0.double()
     keep = w.abs() >= rel_threshold
-    out: dict[str, float] = {"n": int(d.numel()), "n_rel_excluded": int((~keep).sum())}
+    uniq, inv = torch.unique(rows, return_inverse=True)
+    n0sq = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inv, w * w)
+    return {"w": w, "keep": keep, "abs_w_kept": w.abs()[keep], "inv": inv, "n_rows": len(uniq), "n0sq": n0sq}
+
+
+def entry_stats(delta: torch.Tensor, w0: torch.Tensor, rows: torch.Tensor, rel_threshold: float = REL_THRESHOLD,
+                context: dict[str, Any] | None = None) -> dict[str, float]:
+    """Statistics of one module's tracked entries: ``delta`` and ``w0`` are ``[n]`` (the entries in flat index
+    order), ``rows`` their output row indices (see the module docstring for the definitions); ``context`` =
+    :func:`stats_context` of ``w0`` and ``rows`` when precomputed. Row level, per row ``i``:
+    ``cos = (||w||^2 + w.d) / (||w|| ||w + d||)`` with ``||w + d||^2 = ||w||^2 + 2 w.d + ||d||^2``."""
+    ctx = context if context is not None else stats_context(w0, rows, rel_threshold)
+    d = delta.double()
+    absd = d.abs()
+    out: dict[str, float] = {"n": int(d.numel()), "n_rel_excluded": int((~ctx["keep"]).sum())}
     out.update(_stats(absd, "abs"))
-    out.update(_stats(absd[keep] / w.abs()[keep], "rel"))
+    out.update(_stats(absd[ctx["keep"]] / ctx["abs_w_kept"], "rel"))
     if d.numel():
-        if row_ids is None:
-            uniq, inv = torch.unique(rows, return_inverse=True)
-            row_ids = (inv, len(uniq))
-        inv, n_rows = row_ids
-        zeros = torch.zeros(n_rows, dtype=torch.float64)
-        wt = w + d
-        dot = zeros.index_add(0, inv, w * wt)
-        n0 = zeros.index_add(0, inv, w * w).sqrt()
-        nt = zeros.index_add(0, inv, wt * wt).sqrt()
-        nd = zeros.index_add(0, inv, d * d).sqrt()
-        cos = dot / (n0 * nt).clamp_min(1e-300)
+        zeros = torch.zeros(ctx["n_rows"], dtype=torch.float64)
+        wd = zeros.index_add(0, ctx["inv"], ctx["w"] * d)
+        dd = zeros.index_add(0, ctx["inv"], d * d)
+        n0sq = ctx["n0sq"]
+        n0, nt, nd = n0sq.sqrt(), (n0sq + 2 * wd + dd).clamp_min(0).sqrt(), dd.sqrt()
+        cos = (n0sq + wd) / (n0 * nt).clamp_min(1e-300)
         rel = nd / n0.clamp_min(1e-300)
-        out.update({"n_rows": n_rows, "row_cosine_mean": cos.mean().item(), "row_cosine_median": cos.median().item(),
-                    "row_l2_mean": nd.mean().item(), "row_l2_median": nd.median().item(),
-                    "row_rel_l2_mean": rel.mean().item(), "row_rel_l2_median": rel.median().item()})
+        out.update({"n_rows": ctx["n_rows"], "row_cosine_mean": cos.mean().item(),
+                    "row_cosine_median": cos.median().item(), "row_l2_mean": nd.mean().item(),
+                    "row_l2_median": nd.median().item(), "row_rel_l2_mean": rel.mean().item(),
+                    "row_rel_l2_median": rel.median().item()})
     else:
         out.update({"n_rows": 0, **{k: float("nan") for k in ("row_cosine_mean", "row_cosine_median", "row_l2_mean",
                                                                "row_l2_median", "row_rel_l2_mean", "row_rel_l2_median")}})
@@ -108,7 +116,7 @@ class DriftTracker:
         self.index: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
         self.w0: dict[str, dict[str, torch.Tensor]] = {}
         self.d_in = {n: linear_weight(m).shape[1] for n, m in mods.items()}
-        self.row_ids: dict[tuple[str, str], tuple[torch.Tensor, int]] = {}
+        self.context: dict[tuple[str, str], dict[str, Any]] = {}
         for gname, group in groups.items():
             self.index[gname], self.w0[gname] = {}, {}
             for mname, mask in group.items():
@@ -118,9 +126,8 @@ class DriftTracker:
                     continue
                 rows, cols = mask.nonzero(as_tuple=True)  # row-major: rows sorted
                 self.index[gname][mname] = (rows, cols)
-                inv = torch.unique_consecutive(rows, return_inverse=True)[1]
-                self.row_ids[(gname, mname)] = (inv, int(inv[-1]) + 1)
                 self.w0[gname][mname] = linear_weight(mods[mname]).detach()[rows, cols].to(torch.float32).clone()
+                self.context[(gname, mname)] = stats_context(self.w0[gname][mname], rows, rel_threshold)
         self.rows: list[dict[str, Any]] = []
         self.last_step = -1
         self._record(0, deltas={g: {m: torch.zeros_like(w) for m, w in ws.items()} for g, ws in self.w0.items()},
@@ -164,7 +171,7 @@ class DriftTracker:
                 rows = self.index[g][m][0]
                 row = {"step": step, "group": g, "module": m, "layer": int(m.split(".")[1]), "type": m.split(".", 2)[2],
                        "adapted": True if adapted is None else m in adapted}
-                row.update(entry_stats(d, self.w0[g][m], rows, self.rel_threshold, self.row_ids[(g, m)]))
+                row.update(entry_stats(d, self.w0[g][m], rows, self.rel_threshold, self.context[(g, m)]))
                 self.rows.append(row)
         self.last_step = step
         self.final = deltas
