@@ -134,7 +134,7 @@ def test_bad_freeze_groups_fail_before_training(smol_tokenizer):
     model = tiny_model("llama", vocab_size=len(smol_tokenizer))
     group = _group(model)
     cases = [
-        ({"layers.9.q": torch.ones(2, 2, dtype=torch.bool)}, "weights", {}, "does not have"),
+        ({"layers.9.q": torch.ones(2, 2, dtype=torch.bool)}, "weights", {}, "does not exist in this model"),
         ({"layers.0.q": torch.ones(3, 3, dtype=torch.bool)}, "weights", {}, "expected torch.bool"),
         ({n: torch.zeros_like(m) for n, m in group.items()}, "weights", {}, "empty group"),
         (group, "weights", {"cfg": CFG.model_copy(update={"targets": ("q",)})}, "do not adapt"),

@@ -17,23 +17,14 @@ from pathlib import Path
 import torch
 
 from .io import BrittleError
-from .models import linear_modules, linear_weight
-
-
-def _check_group(modules: Mapping[str, torch.nn.Module], group: Mapping[str, torch.Tensor]) -> None:
-    for name, mask in group.items():
-        if name not in modules:
-            raise BrittleError(f"group module '{name}' does not exist in this model (e.g. {next(iter(modules))})")
-        shape = tuple(linear_weight(modules[name]).shape)
-        if tuple(mask.shape) != shape or mask.dtype != torch.bool:
-            raise BrittleError(f"group mask for '{name}' is {mask.dtype}{tuple(mask.shape)}, expected torch.bool{shape}")
+from .models import check_masks, linear_modules, linear_weight
 
 
 @contextlib.contextmanager
 def ablated(model: torch.nn.Module, group: Mapping[str, torch.Tensor], value: float = 0.0) -> Iterator[torch.nn.Module]:
     """Set the weights selected by ``group`` to ``value`` (0: the paper's pruning) inside the block."""
     modules = linear_modules(model)
-    _check_group(modules, group)
+    check_masks(modules, group)
     saved: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     try:
         with torch.no_grad():

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .io import BrittleError
-from .models import linear_modules, linear_weight
+from .models import check_masks, linear_modules, linear_weight
 
 FREEZE_MODES = ("weights", "rows", "rewind", "full-masked")
 
@@ -44,18 +44,8 @@ def check_freeze(model: nn.Module, group: Mapping[str, torch.Tensor], mode: str,
         raise BrittleError("freeze mode 'full-masked' is for full fine-tuning (give full=True / --full)")
     if full and mode in ("weights", "rows"):
         raise BrittleError(f"freeze mode '{mode}' is for LoRA; with full fine-tuning use 'full-masked' or 'rewind'")
-    mods = linear_modules(model)
-    masks = {}
-    for name, mask in group.items():
-        if name not in mods:
-            raise BrittleError(f"the freeze group names module '{name}', which this model does not have "
-                               f"(a group file of another model?)")
-        shape = tuple(linear_weight(mods[name]).shape)
-        if mask.dtype != torch.bool or tuple(mask.shape) != shape:
-            raise BrittleError(f"freeze mask of '{name}' is {mask.dtype}{tuple(mask.shape)}, expected torch.bool{shape} "
-                               "(a group file of another model?)")
-        if bool(mask.any()):
-            masks[name] = mask
+    check_masks(linear_modules(model), group, "freeze group")
+    masks = {name: mask for name, mask in group.items() if bool(mask.any())}
     if not masks:
         raise BrittleError("the freeze group selects no weight (empty group)")
     if adapted is not None and mode != "rewind":
@@ -99,7 +89,8 @@ def _weights_hook(layer, adapter: str, rows: torch.Tensor, cols: torch.Tensor, m
     return output - correction
 
 
-def _rows_grad_hook(keep: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+def _masked_grad(keep: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """A tensor hook: the gradient with the frozen part (``keep == 0``) zeroed."""
     return grad * keep
 
 
@@ -137,13 +128,13 @@ class Freezer:
                 keep = (~mask.any(dim=1)).to(b.dtype).to(b.device)[:, None]
                 with torch.no_grad():
                     b.mul_(keep)  # zero already (peft's init), made explicit
-                self.handles.append(b.register_hook(functools.partial(_rows_grad_hook, keep)))
+                self.handles.append(b.register_hook(functools.partial(_masked_grad, keep)))
         elif self.mode == "full-masked":
             mods = linear_modules(self.model)
             for name, mask in self.group.items():
                 w = linear_weight(mods[name])
                 keep = (~mask).to(w.dtype).to(w.device)
-                self.handles.append(w.register_hook(functools.partial(_rows_grad_hook, keep)))
+                self.handles.append(w.register_hook(functools.partial(_masked_grad, keep)))
 
     def after_step(self) -> None:
         """After every optimiser step: full-masked mode writes the frozen entries back (exact under weight decay)."""

@@ -206,3 +206,15 @@ def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
     if not out:
         raise BrittleError(f"no linear modules found in the decoder blocks of {type(model).__name__}")
     return out
+
+
+def check_masks(modules: dict[str, nn.Module], masks, what: str = "group") -> None:
+    """Raise :class:`BrittleError` unless every mask names one of ``modules`` (canonical names, see
+    :func:`linear_modules`) and is a ``torch.bool`` tensor of that module's ``[d_out, d_in]`` shape."""
+    for name, mask in masks.items():
+        if name not in modules:
+            raise BrittleError(f"{what} module '{name}' does not exist in this model (e.g. {next(iter(modules))}; "
+                               "a group of another model?)")
+        shape = tuple(linear_weight(modules[name]).shape)
+        if tuple(mask.shape) != shape or mask.dtype != torch.bool:
+            raise BrittleError(f"{what} mask for '{name}' is {mask.dtype}{tuple(mask.shape)}, expected torch.bool{shape}")
