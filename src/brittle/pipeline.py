@@ -146,13 +146,15 @@ def scores_stage(ctx: RunContext, cfg: ExperimentConfig, set_name: str) -> Stage
     return result
 
 
-def _score_file(ctx: RunContext, given: Path | None, set_name: str) -> Path:
+def _score_file(ctx: RunContext, given: Path | None, set_name: str) -> tuple[Path, str]:
+    """``(path, sha256)`` of the score file the groups stage reads: a given file, or the scores stage's output
+    (whose hash that stage recorded)."""
     if given is not None:
-        return Path(given)
+        return Path(given), sha256_file(given)
     result = ctx.results.get(f"scores:{set_name}")
     if result is None:
         raise BrittleError(f"groups: no {set_name} scores: run the scores stage or give groups.{set_name}_scores")
-    return result.path("scores")
+    return result.path("scores"), result.outputs["scores"]["sha256"]
 
 
 def groups_stage(ctx: RunContext, cfg: ExperimentConfig) -> StageResult:
@@ -161,11 +163,12 @@ def groups_stage(ctx: RunContext, cfg: ExperimentConfig) -> StageResult:
     from .groups import build_groups
 
     g = cfg.groups
-    safety, utility = _score_file(ctx, g.safety_scores, "safety"), _score_file(ctx, g.utility_scores, "utility")
+    (safety, safety_sha), (utility, utility_sha) = (_score_file(ctx, g.safety_scores, "safety"),
+                                                    _score_file(ctx, g.utility_scores, "utility"))
     points = cfg.ablation.points() if "ablation" in cfg.stages else []
     settings = {"seed": cfg.seed, **g.to_dict(), "sweep_points": points, "sweep_kinds": cfg.ablation.kinds}
     settings.pop("safety_scores"), settings.pop("utility_scores")
-    inputs = {"safety_scores": sha256_file(safety), "utility_scores": sha256_file(utility)}
+    inputs = {"safety_scores": safety_sha, "utility_scores": utility_sha}
     weights, fingerprint = None, None
     if g.magnitude or points:  # the magnitude-matched controls need |W| of the scored model
         from .models import linear_modules, linear_weight
@@ -177,8 +180,7 @@ def groups_stage(ctx: RunContext, cfg: ExperimentConfig) -> StageResult:
     def produce(folder: Path) -> dict[str, Any]:
         result = build_groups(safety, utility, folder, top=g.top, p=g.p, q=g.q, scope=g.scope, seed=cfg.seed,
                               bins=g.bins, weights=weights, model_fingerprint=fingerprint, magnitude=g.magnitude,
-                              sweep=points,
-                              sweep_kinds=cfg.ablation.kinds)
+                              sweep=points, sweep_kinds=cfg.ablation.kinds, score_sha256=(safety_sha, utility_sha))
         result.print()
         return result.outputs
 

@@ -102,7 +102,8 @@ def _check_sources(safety: Path, utility: Path, s_meta: Mapping[str, Any], u_met
 def build_groups(safety: str | os.PathLike[str], utility: str | os.PathLike[str], folder: str | os.PathLike[str], *,
                  top: float, p: float, q: float, scope: Scope, seed: int, bins: int, weights: Mapping[str, torch.Tensor] | None = None,
                  model_fingerprint: str | None = None, magnitude: bool = True,
-                 sweep: Sequence[tuple[float, float]] = (), sweep_kinds: Sequence[str] = ()) -> GroupsResult:
+                 sweep: Sequence[tuple[float, float]] = (), sweep_kinds: Sequence[str] = (),
+                 score_sha256: tuple[str, str] | None = None) -> GroupsResult:
     """Compute the groups of two score files and write them into ``folder``.
 
     ``top_safety = top_k(safety, top)``, ``top_utility = top_k(utility, top)``,
@@ -113,6 +114,7 @@ def build_groups(safety: str | os.PathLike[str], utility: str | os.PathLike[str]
     the ``sweep_kinds`` of :func:`sweep_groups` as ``sweep/<label>.safetensors``, each label once, in the order
     the ablation evaluates them. Peak memory: the two score dicts (4 bytes per weight each) + 1 byte per weight
     per group held. The settings have no defaults here: the ``groups`` config section owns them.
+    ``score_sha256``: the two score files' sha256 when the caller already has them (else they are computed).
     """
     top, p, q = check_fraction(top, "top"), check_fraction(p, "p"), check_fraction(q, "q")
     check_scope(scope)
@@ -130,8 +132,8 @@ def build_groups(safety: str | os.PathLike[str], utility: str | os.PathLike[str]
     if weights is not None:
         check_same_modules(s_scores, weights, ("scores", "model weights"))
 
-    sources = {"safety": {"path": str(safety), "sha256": sha256_file(safety)},
-               "utility": {"path": str(utility), "sha256": sha256_file(utility)}}
+    hs, hu = score_sha256 or (sha256_file(safety), sha256_file(utility))
+    sources = {"safety": {"path": str(safety), "sha256": hs}, "utility": {"path": str(utility), "sha256": hu}}
     base_meta = {k: str(v) for k, v in (("model", s_meta.get("model")), ("model_hash", score_model_hash(s_meta))) if v}
     outputs: dict[str, Any] = {"sweep": []}
     for p_s, q_s in sweep:

@@ -389,8 +389,10 @@ def sweep_groups(safety: Mapping[str, torch.Tensor], utility: Mapping[str, torch
     """The four groups of one ablation sweep point: top-q safety, the set difference S(p, q) = top-q(safety)
     minus top-p(utility), and random / magnitude-matched random controls sized like that set difference (per
     module; the magnitude control is left out when ``weights`` is None)."""
-    sd = set_difference(safety, utility, p=p, q=q, scope=scope)
-    out = {"top_safety": top_k(safety, q, scope), "set_difference": sd, "random": random_like(sd, seed)}
+    check_same_modules(safety, utility)
+    top_q = top_k(safety, q, scope, name="q")  # once: it is both top_safety and half of the set difference
+    sd = set_difference_of(top_q, top_k(utility, p, scope, name="p"))
+    out = {"top_safety": top_q, "set_difference": sd, "random": random_like(sd, seed)}
     if weights is not None:
         out["random_magnitude"] = magnitude_matched_random(sd, weights, seed, bins)
     return out
