@@ -36,7 +36,6 @@ class ConfigError(BrittleError):
     """A configuration file or override that does not validate."""
 
 
-StageConfig = FrozenConfig  # unknown keys are errors, values are immutable
 
 def _fraction(value: float, name: str) -> float:
     if not 0 < value <= 1:
@@ -45,7 +44,7 @@ def _fraction(value: float, name: str) -> float:
     return value
 
 
-class DataConfig(StageConfig):
+class DataConfig(FrozenConfig):
     """Stage ``data``: the calibration sets, written to ``data/<name>.jsonl``.
 
     ``sets`` maps a set name to its spec: ``"safety"`` = harmful prompts (training split, never the evaluation
@@ -62,7 +61,7 @@ class DataConfig(StageConfig):
     judge: str = Field("refusal-v1", description="Refusal judge that filters the built safety set.")
 
 
-class ScoreConfig(StageConfig):
+class ScoreConfig(FrozenConfig):
     """Stage ``scores``: importance scores of every linear weight on each set in ``sets``, written to
     ``scores/<set>-<method>/scores.safetensors`` (see :mod:`brittle.scoring` for the definitions)."""
 
@@ -76,7 +75,7 @@ class ScoreConfig(StageConfig):
         None, gt=0, description="Split the modules over several passes to keep the fp32 accumulators under this size.")
 
 
-class GroupsConfig(StageConfig):
+class GroupsConfig(FrozenConfig):
     """Stage ``groups``: top safety / top utility (``top``), the set difference S(p, q) and its random and
     magnitude-matched random controls, in ``scope`` (see :mod:`brittle.groups`); plus, when the run has an
     ablation stage, the groups of every sweep point under ``groups/sweep/``."""
@@ -97,7 +96,7 @@ class GroupsConfig(StageConfig):
         return _fraction(v, info.field_name)
 
 
-class AblationConfig(StageConfig):
+class AblationConfig(FrozenConfig):
     """Stage ``ablation``: remove each group kind at each (p, q) point, evaluate with ``eval`` (the lighter
     sweep evaluation, :class:`~brittle.evaluation.config.SweepEvalConfig`), write ``ablation/ablation.csv``."""
 

@@ -26,6 +26,10 @@ from .io import BrittleError, cache_dir, sha256_file
 # Resolution and loading
 
 
+class UnknownModelError(BrittleError):
+    """A model spec that is no directory, ``.gguf`` file or Hub id (the preset layer adds its names)."""
+
+
 def gguf_to_hf_dir(gguf_path: str | os.PathLike[str]) -> Path:
     """Dequantise a GGUF once into fp32 safetensors under ``$BRITTLE_CACHE/models``; return that directory.
 
@@ -77,7 +81,7 @@ def resolve_path(spec: str) -> str:
         return str(path)
     if spec.count("/") == 1 and not spec.startswith((".", "/")):
         return spec  # a Hub id; from_pretrained reports network problems itself
-    raise BrittleError(f"unknown model '{spec}': not a preset, an existing directory, a .gguf file or a Hub id "
+    raise UnknownModelError(f"unknown model '{spec}': not a preset, an existing directory, a .gguf file or a Hub id "
                        "of the form owner/name (`brittle models` lists the presets)")
 
 

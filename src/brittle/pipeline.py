@@ -123,8 +123,7 @@ def scores_stage(ctx: RunContext, cfg: ExperimentConfig, set_name: str) -> Stage
                         + (" -- the model refused none of the harmful prompts; score an aligned model or give a file"
                            if data.outputs[set_name]["source"] == "safety" else ""))
     model, tok, fingerprint = run_model(ctx, cfg)
-    settings = {"seed": cfg.seed, "set": set_name, **sc.to_dict()}
-    settings.pop("sets")
+    settings = {"seed": cfg.seed, "set": set_name, **sc.model_dump(exclude={"sets"})}
 
     def produce(folder: Path) -> dict[str, Any]:
         examples = sample(load_file(data.path(set_name), require_response=True), sc.nsamples, cfg.seed)
@@ -166,8 +165,8 @@ def groups_stage(ctx: RunContext, cfg: ExperimentConfig) -> StageResult:
     (safety, safety_sha), (utility, utility_sha) = (_score_file(ctx, g.safety_scores, "safety"),
                                                     _score_file(ctx, g.utility_scores, "utility"))
     points = cfg.ablation.points() if "ablation" in cfg.stages else []
-    settings = {"seed": cfg.seed, **g.to_dict(), "sweep_points": points, "sweep_kinds": cfg.ablation.kinds}
-    settings.pop("safety_scores"), settings.pop("utility_scores")
+    settings = {"seed": cfg.seed, **g.model_dump(exclude={"safety_scores", "utility_scores"}),
+                "sweep_points": points, "sweep_kinds": cfg.ablation.kinds}
     inputs = {"safety_scores": safety_sha, "utility_scores": utility_sha}
     weights, fingerprint = None, None
     if g.magnitude or points:  # the magnitude-matched controls need |W| of the scored model

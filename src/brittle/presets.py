@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from .assets import assemble_parts, dist_file, dist_files
-from .io import BrittleError, cache_dir
-from .models import gguf_to_hf_dir, load_pretrained, resolve_path
+from .io import cache_dir
+from .models import UnknownModelError, gguf_to_hf_dir, load_pretrained, resolve_path
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -105,11 +105,9 @@ def resolve_model_path(spec: str) -> str:
         return str(gguf_to_hf_dir(located) if located.suffix == ".gguf" else located)
     try:
         return resolve_path(spec)
-    except BrittleError as e:
-        if str(e).startswith("unknown model"):
-            raise BrittleError(f"unknown model '{spec}': not a preset ({', '.join(sorted(PRESETS))}), an existing "
-                               "directory, a .gguf file or a Hub id of the form owner/name") from None
-        raise
+    except UnknownModelError:
+        raise UnknownModelError(f"unknown model '{spec}': not a preset ({', '.join(sorted(PRESETS))}), an existing "
+                                "directory, a .gguf file or a Hub id of the form owner/name") from None
 
 
 def load_model(spec: str = DEFAULT_MODEL, *, dtype: torch.dtype | str = torch.float32,

@@ -144,9 +144,9 @@ def run_stage(ctx: RunContext, name: str, folder: Path, config: BaseModel | Mapp
     t0 = time.perf_counter()
     outputs = dict(produce(partial))
     seconds = round(time.perf_counter() - t0, 1)
-    record_seeds = dict(seeds) if seeds is not None else ({"seed": record["config"]["seed"]}
-                                                          if isinstance(record["config"], dict) and "seed" in record["config"] else {})
-    man = manifest(name, record["config"], seeds=record_seeds, inputs=record["inputs"], outputs=jsonable(outputs))
+    if seeds is None:  # the stage's seed, when its config has one
+        seeds = {"seed": record["config"]["seed"]} if "seed" in record["config"] else {}
+    man = manifest(name, record["config"], seeds=dict(seeds), inputs=record["inputs"], outputs=jsonable(outputs))
     man = {"stage": name, **man, "seconds": seconds}
     write_manifest(partial, man)
     if folder.exists():
