@@ -205,6 +205,45 @@ def test_batch_size_changes_only_rounding(tok, examples):
     assert max_rel_error(dropped, a) > WRONG_MARGIN * REORDER_TOL
 
 
+def test_examples_formed_in_chunks_equal_one_chunk(monkeypatch, tok, examples):
+    """The per-example gradients of a batch are formed a chunk of examples at a time when they would not fit
+    the workspace: chunks of one example give the same scores as the whole batch at once (losing the last
+    partial chunk would drop an example, which the margin below shows is caught)."""
+    from brittle.scoring import methods
+
+    model = tiny_model("qwen2", vocab_size=VOCAB)
+    whole = compute_scores(model, tok, examples, "snip", batch_size=4, max_length=MAX_LEN, progress=False)
+    monkeypatch.setattr(methods, "WORKSPACE_ELEMENTS", 1)  # one example per chunk
+    assert methods.examples_per_chunk((32, 64), 4) == 1
+    chunked = compute_scores(model, tok, examples, "snip", batch_size=4, max_length=MAX_LEN, progress=False)
+    assert max_rel_error(chunked, whole) < REORDER_TOL
+    dropped = compute_scores(model, tok, examples[:-1], "snip", batch_size=4, max_length=MAX_LEN, progress=False)
+    assert max_rel_error(dropped, whole) > WRONG_MARGIN * REORDER_TOL
+
+
+@pytest.mark.parametrize("method", ["snip", "snip-summed"])
+def test_positions_past_the_last_loss_position_never_enter(method):
+    """Per example, only positions up to its last loss position enter G_n = dY[n]^T X[n]: a non-finite input
+    activation at a padding position (where dY is 0) must not turn 0 * x into NaN, and a non-zero gradient
+    there is ignored. Checked on the method itself against a float64 sum over the kept positions."""
+    from brittle.scoring.methods import BatchInfo, get_method
+
+    gen = torch.Generator().manual_seed(0)
+    B, T, d_in, d_out, upto = 3, 7, 5, 4, [7, 3, 5]
+    x = torch.randn(B, T, d_in, generator=gen)
+    g = torch.randn(B, T, d_out, generator=gen)
+    for b, u in enumerate(upto):
+        x[b, u:] = float("nan")
+        g[b, u:] = 1e3  # outside the window: must not count
+    m = get_method(method)
+    acc = torch.zeros(d_out, d_in)
+    m.accumulate(acc, x, g, BatchInfo((B, T), upto=upto), torch.empty(m.workspace_numel((d_out, d_in), B)) if method == "snip" else None)
+    per = [g[b, :u].double().t() @ x[b, :u].double() for b, u in enumerate(upto)]
+    ref = sum(p.abs() for p in per) if method == "snip" else sum(per)
+    assert torch.isfinite(acc).all()
+    assert (acc.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
 def test_subset_and_passes_equal_full_run(tok, examples):
     model = tiny_model("mistral", vocab_size=VOCAB)
     full = compute_scores(model, tok, examples, "snip", batch_size=4, max_length=MAX_LEN, progress=False)

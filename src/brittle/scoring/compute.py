@@ -191,7 +191,7 @@ def _as_btd(t: torch.Tensor, B: int, T: int) -> torch.Tensor:
 class _Accumulator:
     """Hooks and fp32 accumulators for one pass over the data; the arithmetic is the method's."""
 
-    def __init__(self, mods: dict[str, nn.Module], method: ScoreMethod):
+    def __init__(self, mods: dict[str, nn.Module], method: ScoreMethod, batch_size: int):
         from ..models import linear_weight
 
         self.method = method
@@ -202,7 +202,7 @@ class _Accumulator:
         for n, m in mods.items():
             w = linear_weight(m)
             self.acc[n] = torch.zeros(method.accumulator_shape(tuple(w.shape)), dtype=torch.float32, device=w.device)
-            need = method.workspace_numel(tuple(w.shape))
+            need = method.workspace_numel(tuple(w.shape), batch_size)
             cur = self.work.get(w.device)
             if need and (cur is None or cur.numel() < need):
                 self.work[w.device] = torch.empty(need, dtype=torch.float32, device=w.device)
@@ -280,16 +280,17 @@ def _loss(model: nn.Module, batch: dict[str, torch.Tensor], pred_mask: torch.Ten
     """sum_n L_n with L_n the mean fp32 cross-entropy of example n over its loss positions."""
     kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
     B, T = batch["input_ids"].shape
-    N = int(pred_mask.sum())
-    if keep_logits:
-        kwargs["logits_to_keep"] = pred_mask
+    cols = None
+    if keep_logits:  # the positions where some example has a loss (1-D indices: every transformers 5 accepts them)
+        cols = pred_mask.any(0).nonzero().squeeze(1).to(batch["input_ids"].device)
+        kwargs["logits_to_keep"] = cols
     logits = model(**kwargs).logits
-    if logits.dim() == 2 and logits.shape[0] == N:
-        sel = logits
-    elif logits.dim() == 3 and logits.shape[:2] == (B, T):
-        sel = logits[pred_mask.to(logits.device)]
-    else:
-        raise BrittleError(f"unexpected logits shape {tuple(logits.shape)} for a batch of {B}x{T}")
+    K = T if cols is None else len(cols)
+    if logits.dim() != 3 or logits.shape[:2] != (B, K):
+        raise BrittleError(f"unexpected logits shape {tuple(logits.shape)} for a batch of {B}x{T} ({K} positions kept)")
+    if cols is not None:
+        pred_mask, targets = pred_mask[:, cols.to(pred_mask.device)], targets[:, cols.to(targets.device)]
+    sel = logits[pred_mask.to(logits.device)]
     mask = pred_mask.to(sel.device)
     tgt = targets.to(sel.device)[mask]
     ce = F.cross_entropy(sel.to(torch.float32), tgt, reduction="none")
@@ -374,7 +375,7 @@ def compute_scores(
         model.eval()
         for pass_names in passes:
             pass_mods = {n: mods[n] for n in pass_names}
-            accum = _Accumulator(pass_mods, method)
+            accum = _Accumulator(pass_mods, method, batch_size)
             root_state = {"active": False, "rooted": False}
             first = min(_layer_index(n) for n in pass_names)
             root_handles = [blocks[first].register_forward_pre_hook(_hidden_pre_hook(root_state), with_kwargs=True)]

@@ -61,8 +61,9 @@ class ScoreMethod:
         """Shape of the fp32 accumulator of a weight of canonical shape ``[d_out, d_in]``."""
         raise NotImplementedError
 
-    def workspace_numel(self, weight_shape: tuple[int, int]) -> int:
-        """fp32 elements of scratch space :meth:`accumulate` needs (one workspace per device, reused)."""
+    def workspace_numel(self, weight_shape: tuple[int, int], batch_size: int) -> int:
+        """fp32 elements of scratch space :meth:`accumulate` needs for batches of ``batch_size`` examples (one
+        workspace per device, reused)."""
         return 0
 
     def accumulate(self, acc: torch.Tensor, x: torch.Tensor, g: torch.Tensor | None, batch: BatchInfo,
@@ -87,54 +88,83 @@ class ScoreMethod:
         return f"<score method {self.name}>"
 
 
-class _PerExampleGradient(ScoreMethod):
-    """Gradient methods: ``G_n = dY[n]^T X[n]`` formed one example at a time in fp32, over its positions up to
-    its last loss position (padding never enters), and added by :meth:`_add`."""
+#: Cap on the per-example gradients of one module formed at once (fp32 elements; 64 Mi = 256 MiB): the
+#: examples of a batch go through :meth:`Snip.accumulate` in chunks of at most this many entries.
+WORKSPACE_ELEMENTS = 64 * 2**20
 
+
+def examples_per_chunk(weight_shape: tuple[int, int], batch_size: int) -> int:
+    """How many per-example gradients ``[d_out, d_in]`` fit :data:`WORKSPACE_ELEMENTS` (at least one)."""
+    return max(1, min(batch_size, WORKSPACE_ELEMENTS // (weight_shape[0] * weight_shape[1])))
+
+
+def _response_window(x: torch.Tensor, g: torch.Tensor, upto: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` and ``g`` cut to the batch's last loss position, positions past each example's own last loss
+    position zeroed. ``g`` is already zero there (a later position cannot change an earlier loss under causal
+    attention); zeroing ``x`` too keeps a non-finite padding activation from turning ``0 * x`` into NaN."""
+    T = max(upto)
+    keep = torch.arange(T, device=x.device).unsqueeze(0) < torch.tensor(upto, device=x.device).unsqueeze(1)
+    keep = keep.unsqueeze(-1)
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    return torch.where(keep, x[:, :T], zero), torch.where(keep.to(g.device), g[:, :T], zero.to(g.device))
+
+
+class Snip(ScoreMethod):
+    """``snip``: ``S = |W| * sum_n |dL_n/dW|`` -- the absolute value is taken per example (the paper's SNIP).
+
+    The per-example gradient ``G_n = dY[n]^T X[n]`` (``[d_out, d_in]``, a sum over the example's positions up
+    to its last loss position) is formed for several examples at once: on CUDA with bf16/fp16 layers by a
+    fused kernel (:mod:`brittle.scoring.kernels`: product with fp32 accumulation, ``|.|`` and the sum over
+    examples in registers, ``G_n`` never written to memory); elsewhere by one fp32 batched product per chunk of
+    examples (:func:`examples_per_chunk`) into the workspace, then ``|.|`` and a sum over the chunk."""
+
+    name = "snip"
     needs_grad = True
+    definition = "|W| * sum_n |dL_n/dW|"
 
     def accumulator_shape(self, weight_shape):
         return tuple(weight_shape)
 
+    def workspace_numel(self, weight_shape, batch_size):
+        return examples_per_chunk(weight_shape, batch_size) * weight_shape[0] * weight_shape[1]
+
     def accumulate(self, acc, x, g, batch, work=None):
-        d_out, d_in = g.shape[-1], x.shape[-1]
-        buf = None if work is None else work[: d_out * d_in].view(d_out, d_in)
-        for b, u in enumerate(batch.upto):
-            if u == 0:
-                continue
-            gb = g[b, :u].to(device=acc.device, dtype=torch.float32)
-            xb = x[b, :u].to(device=acc.device, dtype=torch.float32)
-            self._add(acc, gb, xb, buf)
+        from . import kernels
 
-    def _add(self, acc: torch.Tensor, gb: torch.Tensor, xb: torch.Tensor, buf: torch.Tensor | None) -> None:
-        raise NotImplementedError
-
-
-class Snip(_PerExampleGradient):
-    """``snip``: ``S = |W| * sum_n |dL_n/dW|`` -- the absolute value is taken per example (the paper's SNIP)."""
-
-    name = "snip"
-    definition = "|W| * sum_n |dL_n/dW|"
-
-    def workspace_numel(self, weight_shape):
-        return weight_shape[0] * weight_shape[1]
-
-    def _add(self, acc, gb, xb, buf):
-        torch.mm(gb.t(), xb, out=buf)
-        acc.add_(buf.abs_())
+        x, g = _response_window(x, g.to(x.device), batch.upto)
+        if kernels.fused_available(acc, x, g):
+            kernels.add_abs_example_grads(acc, g, x, batch.upto)
+            return
+        x = x.to(device=acc.device, dtype=torch.float32)
+        g = g.to(device=acc.device, dtype=torch.float32)
+        d_out, d_in = acc.shape
+        chunk = examples_per_chunk((d_out, d_in), len(batch.upto))
+        for s in range(0, x.shape[0], chunk):
+            n = min(chunk, x.shape[0] - s)
+            out = None if work is None else work[: n * d_out * d_in].view(n, d_out, d_in)
+            grads = torch.bmm(g[s:s + n].transpose(1, 2), x[s:s + n], out=out)  # G_n for the chunk's examples
+            acc.add_(grads.abs_().sum(0))
 
     def finish(self, acc, weight):
         return acc.mul_(weight.abs().to(torch.float32))
 
 
-class SnipSummed(_PerExampleGradient):
-    """``snip-summed``: ``S = |W * sum_n dL_n/dW|`` -- the signed gradient summed first (not the paper's SNIP)."""
+class SnipSummed(ScoreMethod):
+    """``snip-summed``: ``S = |W * sum_n dL_n/dW|`` -- the signed gradient summed first (not the paper's SNIP):
+    one fp32 product over all positions of the batch, ``sum_n G_n = dY^T X``."""
 
     name = "snip-summed"
+    needs_grad = True
     definition = "|W * sum_n dL_n/dW|"
 
-    def _add(self, acc, gb, xb, buf):
-        acc.addmm_(gb.t(), xb)
+    def accumulator_shape(self, weight_shape):
+        return tuple(weight_shape)
+
+    def accumulate(self, acc, x, g, batch, work=None):
+        x, g = _response_window(x, g.to(x.device), batch.upto)
+        x = x.to(device=acc.device, dtype=torch.float32)
+        g = g.to(device=acc.device, dtype=torch.float32)
+        acc.addmm_(g.reshape(-1, g.shape[-1]).t(), x.reshape(-1, x.shape[-1]))
 
     def finish(self, acc, weight):
         return acc.mul_(weight.to(torch.float32)).abs_()
