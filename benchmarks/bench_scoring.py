@@ -50,6 +50,8 @@ FIXED_REFUSAL = ("I'm sorry, but I can't help with that. This request could caus
 RANDOM_MODELS = {  # LlamaConfig fields; the vocabulary is the tokenizer's; embeddings tied as in both originals
     "llama-1b": dict(hidden_size=2048, num_hidden_layers=16, intermediate_size=8192, num_attention_heads=32,
                      num_key_value_heads=8),  # Llama-3.2-1B shapes
+    "llama2-7b": dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=11008, num_attention_heads=32,
+                      num_key_value_heads=32),  # Llama-2-7B shapes
     "llama-135m": dict(hidden_size=576, num_hidden_layers=30, intermediate_size=1536, num_attention_heads=9,
                        num_key_value_heads=3),  # SmolLM2-135M shapes
 }

@@ -1,0 +1,222 @@
+"""GPU benchmark in one call (issue "Scale"): SNIP against the forward+backward floor, LoRA with and without
+drift tracking, peak memory. Randomly initialised models of public shapes (no weights can be downloaded on a
+lent GPU machine); the tokenizer comes from a directory (``bench_scoring.py --export DIR`` writes one).
+
+Usage (prepared and tried on the CPU with ``--shapes llama-135m --examples 8 --length 96 --lora-steps 4``)::
+
+    python benchmarks/bench_gpu.py --tokenizer .gpu/tok --shapes llama-1b,llama2-7b 2>&1 | tee bench_gpu.txt
+
+(Filter its output with ``grep --line-buffered`` if at all: a plain ``grep`` in a pipe holds everything back
+until it exits, and a run stopped at a time limit then shows nothing -- which cost this project a GPU run.)
+
+Sections (each prints its figures as soon as it has them; a failing section does not stop the others):
+
+1. kernel check: the fused SNIP kernel (``brittle.scoring.kernels``) against a float64 reference on random
+   bf16 inputs with ragged lengths (skipped where the kernel is unavailable);
+2. per shape: SNIP on ``--examples`` x ``--length`` tokens (bf16 model, fp32 accumulators), the plain
+   forward+backward floor over the same batches, their ratio, peak GPU memory, with the fused kernel
+   (``BRITTLE_FUSED_SNIP=1``, set by the script); on the first shape also SNIP without it (fp32 batched
+   products) and the difference between the two score sets;
+3. on the last shape: ``--lora-steps`` LoRA steps (r 8, alpha 16, every linear module, lr 1e-4; batch 16 of
+   ``--length`` tokens, as 4 x 4 with gradient accumulation when the trainer has it) without and with a drift
+   tracker on five random 1 % groups every 10 steps; the ratio of the two wall-clock times and the tracker's
+   share measured inside the tracked run.
+
+Examples are random vocabulary words (a prompt of ~40 % of the length, the rest response), so that batches are
+full-length: the timing does not depend on the text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import time
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_scoring import batches_of, floor_time, gpu_peak_mb, load_bench_model, sync  # noqa: E402
+
+from brittle.data.core import Example  # noqa: E402
+from brittle.scoring import compute_scores  # noqa: E402
+
+
+DEVICE = "cuda"
+
+
+def reset_peak() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def random_examples(tok, n: int, length: int, seed: int) -> list[Example]:
+    """``n`` examples of roughly ``length`` tokens: random vocabulary tokens decoded to text."""
+    rng = random.Random(seed)
+    special = set(tok.all_special_ids)
+    vocab = [i for i in range(min(len(tok), 32000)) if i not in special]
+    out = []
+    for k in range(n):
+        total = rng.randint(int(0.9 * length), int(1.1 * length))
+        ids = [rng.choice(vocab) for _ in range(total)]
+        cut = int(0.4 * total)
+        out.append(Example(id=f"r{k}", prompt=tok.decode(ids[:cut]), response=tok.decode(ids[cut:]), source="random"))
+    return out
+
+
+def kernel_check() -> None:
+    from brittle.scoring import kernels
+
+    os.environ["BRITTLE_FUSED_SNIP"] = "1"  # the kernel is opt-in until this check has passed on a GPU
+    dev = torch.device(DEVICE)
+    g = torch.randn(5, 333, 1000, device=dev, dtype=torch.bfloat16)
+    x = torch.randn(5, 333, 700, device=dev, dtype=torch.bfloat16)
+    lengths = [333, 1, 0, 200, 65]
+    acc = torch.zeros(1000, 700, device=dev)
+    if not kernels.fused_available(acc, x, g):
+        print("kernel check: fused kernel not available here (no Triton or not CUDA)")
+        return
+    kernels.add_abs_example_grads(acc, g, x, lengths)
+    gd, xd = g.double(), x.double()
+    ref = sum((gd[b, :n].t() @ xd[b, :n]).abs() for b, n in enumerate(lengths))
+    err = ((acc.double() - ref).abs().max() / ref.abs().max()).item()
+    acc2 = acc.clone()
+    kernels.add_abs_example_grads(acc2, g, x, lengths)  # accumulates on top
+    err2 = ((acc2.double() - 2 * ref).abs().max() / ref.abs().max()).item()
+    print(f"kernel check: max |fused - float64| / max|ref| = {err:.2e} (once), {err2:.2e} (accumulated twice)")
+
+
+def snip_section(shape: str, args, first: bool) -> None:
+    dtype = torch.bfloat16
+    t = time.perf_counter()
+    model, tok = load_bench_model(f"random:{shape}", args.tokenizer, dtype, DEVICE)
+    sync(DEVICE)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"\n== {shape}: {n_params / 1e9:.2f} B parameters, bf16, initialised on {DEVICE} in {time.perf_counter() - t:.1f} s")
+    examples = random_examples(tok, args.examples, args.length, 0)
+    kw = dict(batch_size=args.batch_size, max_length=args.length, progress=False)
+    compute_scores(model, tok, examples[: args.batch_size], "snip", **kw)  # warm-up (kernel autotuning)
+    reset_peak()
+    stats: dict = {}
+    sync(DEVICE)
+    t = time.perf_counter()
+    fused = compute_scores(model, tok, examples, "snip", stats=stats, **kw)
+    sync(DEVICE)
+    snip_s = time.perf_counter() - t
+    print(f"SNIP {args.examples} x {args.length}: {snip_s:.2f} s ({stats['n_tokens']} tokens, "
+          f"{stats['n_response_tokens']} in the loss, batch {args.batch_size}){gpu_peak_mb(DEVICE)}")
+    batches = batches_of(tok, examples, args.batch_size, args.length, DEVICE)
+    floor_time(model, batches[:1])  # warm-up
+    reset_peak()
+    floor_s = floor_time(model, batches)
+    print(f"floor (plain fwd+bwd, weights requiring grad, same batches): {floor_s:.2f} s{gpu_peak_mb(DEVICE)}; "
+          f"SNIP / floor = {snip_s / floor_s:.2f} (target <= 1.5)")
+    if first:
+        os.environ["BRITTLE_FUSED_SNIP"] = "0"
+        try:
+            sync(DEVICE)
+            t = time.perf_counter()
+            plain = compute_scores(model, tok, examples, "snip", **kw)
+            sync(DEVICE)
+            plain_s = time.perf_counter() - t
+        finally:
+            os.environ["BRITTLE_FUSED_SNIP"] = "1"
+        worst = max(((fused[n] - plain[n]).abs().max() / plain[n].abs().max()).item() for n in plain)
+        print(f"SNIP without the fused kernel (fp32 batched products): {plain_s:.2f} s = {plain_s / floor_s:.2f} x floor; "
+              f"max over modules of max|fused - unfused| / max|unfused| = {worst:.2e}")
+        del plain
+    del fused, model
+
+
+def lora_section(shape: str, args) -> None:
+    from brittle.drift import DriftTracker
+    from brittle.finetune import LoraTrainConfig, train_lora
+    from brittle.models import linear_modules, linear_weight
+
+    model, tok = load_bench_model(f"random:{shape}", args.tokenizer, torch.bfloat16, DEVICE)
+    examples = random_examples(tok, 16 * args.lora_steps, args.length, 1)
+    accumulate = "grad_accumulation" in LoraTrainConfig.model_fields
+    batch = dict(batch_size=4, grad_accumulation=4) if accumulate else dict(batch_size=16)
+    cfg = LoraTrainConfig(r=8, alpha=16, lr=1e-4, max_steps=args.lora_steps, max_length=args.length, seed=0, **batch)
+    gen = torch.Generator().manual_seed(0)
+    groups = {f"random{k}": {n: torch.rand(linear_weight(m).shape, generator=gen) < 0.01
+                             for n, m in linear_modules(model).items()} for k in range(5)}
+    tracked = sum(int(m.sum()) for g in groups.values() for m in g.values())
+    print(f"\n== LoRA on {shape}: {args.lora_steps} steps of {'4 x 4' if accumulate else '16'} examples x {args.length} "
+          f"tokens; tracker: 5 random 1 % groups ({tracked:,} entries) every 10 steps")
+    seconds = {}
+    for kind in ("untracked", "tracked"):
+        reset_peak()
+        sync(DEVICE)
+        t0 = time.perf_counter()
+        inside = [0.0]
+        tracker = None
+        if kind == "tracked":
+            tracker = DriftTracker(model, groups, every=10)
+            sync(DEVICE)
+            inside[0] = time.perf_counter() - t0
+
+        def on_step(step, loss, m):
+            sync(DEVICE)
+            t = time.perf_counter()
+            tracker.on_step(step, loss, m)
+            sync(DEVICE)
+            inside[0] += time.perf_counter() - t
+
+        trained, hist = train_lora(model, tok, examples, cfg, progress=False, on_step=on_step if tracker else None)
+        if tracker is not None:
+            t = time.perf_counter()
+            tracker.finish(args.lora_steps, trained)
+            sync(DEVICE)
+            inside[0] += time.perf_counter() - t
+        sync(DEVICE)
+        seconds[kind] = time.perf_counter() - t0
+        extra = ""
+        if tracker is not None:
+            extra = (f", {len(tracker.rows)} drift rows, {inside[0]:.2f} s in the tracker: in-run ratio "
+                     f"{1 + inside[0] / (seconds[kind] - inside[0]):.3f}")
+        print(f"{kind:9s}: {seconds[kind]:.1f} s = {seconds[kind] / args.lora_steps:.3f} s/step, final loss "
+              f"{hist.loss[-1]:.4f}{gpu_peak_mb(DEVICE)}{extra}")
+        model = trained.unload()  # the base model without the adapters (nothing was merged)
+    print(f"ratio tracked / untracked: {seconds['tracked'] / seconds['untracked']:.3f} (target <= 1.05)")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokenizer", required=True, help="a tokenizer directory")
+    ap.add_argument("--shapes", default="llama-1b,llama2-7b", help="comma-separated bench_scoring.RANDOM_MODELS names")
+    ap.add_argument("--examples", type=int, default=128)
+    ap.add_argument("--length", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--lora-steps", type=int, default=100)
+    ap.add_argument("--device", default="cuda", help="cuda; cpu only to try the script out on a tiny shape")
+    args = ap.parse_args()
+    global DEVICE
+    DEVICE = args.device
+    if DEVICE == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("bench_gpu.py needs a CUDA device (--device cpu to try it out)")
+        print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, "
+              f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB")
+    shapes = args.shapes.split(",")
+    sections = [("kernel check", kernel_check)]
+    sections += [(f"SNIP {s}", lambda s=s, i=i: snip_section(s, args, i == 0)) for i, s in enumerate(shapes)]
+    if args.lora_steps:
+        sections.append((f"LoRA {shapes[-1]}", lambda: lora_section(shapes[-1], args)))
+    failed = 0
+    for name, run in sections:
+        try:
+            run()
+        except Exception:  # report and go on: one call of a scarce GPU should bring back every figure it can
+            failed += 1
+            print(f"\n!! section '{name}' failed:")
+            traceback.print_exc(file=sys.stdout)
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
