@@ -113,7 +113,7 @@ class Snip(ScoreMethod):
     """``snip``: ``S = |W| * sum_n |dL_n/dW|`` -- the absolute value is taken per example (the paper's SNIP).
 
     The per-example gradient ``G_n = dY[n]^T X[n]`` (``[d_out, d_in]``, a sum over the example's positions up
-    to its last loss position) is formed for several examples at once: on CUDA with bf16/fp16 layers by a
+    to its last loss position) is formed for several examples at once: on CUDA with bf16/fp16 layers and ``BRITTLE_FUSED_SNIP=1`` by a
     fused kernel (:mod:`brittle.scoring.kernels`: product with fp32 accumulation, ``|.|`` and the sum over
     examples in registers, ``G_n`` never written to memory); elsewhere by one fp32 batched product per chunk of
     examples (:func:`examples_per_chunk`) into the workspace, then ``|.|`` and a sum over the chunk."""
