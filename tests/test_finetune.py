@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -53,3 +55,174 @@ def test_alignment_refusal_examples_label_only_the_refusal(smol_tokenizer):
     enc = encode(smol_tokenizer, ex)
     labelled = smol_tokenizer.decode(enc["input_ids"][enc["labels"] != IGNORE_INDEX])
     assert labelled == REFUSALS[0] + "<|im_end|>"
+
+
+# --------------------------------------------------------------------------------------------------
+# learning-rate schedule, gradient accumulation, checkpoints and resume, non-finite loss
+
+
+def _trainable(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
+def test_schedule_warms_up_then_decays(smol_tokenizer, schedule):
+    """Step k (1-based) of N = 6 with W = 2 warm-up steps uses lr * f(k), read from the optimizer at that step:
+    warm-up (k - 1) / W (the first step has lr 0, so it leaves the adapters at their init), then 1, or
+    linear (N - k + 1) / (N - W), or cosine (1 + cos(pi (k - 1 - W) / (N - W))) / 2."""
+    n, w, lr = 6, 2, 0.1
+    after = {}
+    cfg = LoraTrainConfig(r=2, alpha=4, lr=lr, batch_size=2, max_steps=n, warmup_steps=w, schedule=schedule)
+    model = tiny_model("llama", vocab_size=len(smol_tokenizer))
+    _, hist = train_lora(model, smol_tokenizer, EXAMPLES, cfg, progress=False,
+                         on_step=lambda step, loss, m: after.setdefault(step, _trainable(m)))
+    decay = {"constant": lambda k: 1.0, "linear": lambda k: (n - k + 1) / (n - w),
+             "cosine": lambda k: (1 + math.cos(math.pi * (k - 1 - w) / (n - w))) / 2}[schedule]
+    want = [lr * ((k - 1) / w if k <= w else decay(k)) for k in range(1, n + 1)]
+    assert hist.lr == pytest.approx(want, rel=1e-12, abs=1e-15) and hist.lr[0] == 0.0
+    assert all(torch.count_nonzero(v) == 0 for n_, v in after[1].items() if "lora_B" in n_)  # lr 0: B still 0
+    assert any(torch.count_nonzero(v) for n_, v in after[2].items() if "lora_B" in n_)
+    default = train_lora(tiny_model("llama", vocab_size=len(smol_tokenizer)), smol_tokenizer, EXAMPLES,
+                         LoraTrainConfig(r=2, alpha=4, lr=lr, batch_size=2, max_steps=2), progress=False)[1]
+    assert default.lr == [lr, lr]  # the default: constant, no warm-up
+
+
+def test_accumulating_2_micro_batches_of_2_equals_one_batch_of_4(smol_tokenizer, monkeypatch):
+    """Every example has 10 response tokens, so the mean of two micro-batch means is the mean over the batch of
+    4: the gradients (recorded at each optimiser step), losses and trained adapters agree up to fp32 rounding.
+    Summing the micro-batch losses instead doubles the gradients and the reported loss (AdamW alone would hide
+    it in the weights: its update is invariant to the gradient's scale)."""
+    assert {int((encode(smol_tokenizer, e)["labels"] != IGNORE_INDEX).sum()) for e in EXAMPLES} == {10}
+    grads = []
+
+    class RecordingAdamW(torch.optim.AdamW):
+        def step(self, closure=None):
+            grads.append([p.grad.clone() for g in self.param_groups for p in g["params"]])
+            return super().step(closure)
+
+    monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
+    runs = []
+    for batch, accumulation in ((4, 1), (2, 2)):
+        cfg = LoraTrainConfig(r=4, alpha=8, lr=1e-2, batch_size=batch, grad_accumulation=accumulation, max_steps=3)
+        model, hist = train_lora(tiny_model("llama", vocab_size=len(smol_tokenizer)), smol_tokenizer, EXAMPLES, cfg,
+                                 progress=False)
+        runs.append((hist, _trainable(model)))
+    (h4, w4), (h22, w22) = runs
+    assert h4.steps == h22.steps == [1, 2, 3] and h22.loss == pytest.approx(h4.loss, rel=1e-6)
+    for a, b in zip(grads[:3], grads[3:], strict=True):
+        for ga, gb in zip(a, b, strict=True):
+            assert (ga - gb).abs().max() <= 1e-5 * ga.abs().max()
+    for name, a in w4.items():  # AdamW's update amplifies the rounding of near-zero gradients: seen up to 5e-6
+        assert (a - w22[name]).abs().max() <= 1e-5 * a.abs().max(), name
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_resume_after_a_kill_repeats_the_uninterrupted_run(smol_tokenizer, tmp_path, full, caplog):
+    """Killed in on_step at step 5 (checkpoints at 2 and 4), resumed in a "new process" (fresh model and drift
+    tracker): the same loss floats, bit-identical trainable weights and the same drift table as without the
+    kill; on_step sees only steps 5..7. Dropout, warm-up, cosine decay, accumulation and an epoch boundary
+    (2 steps per epoch) are all on, so every restored piece of state matters."""
+    from brittle.drift import DriftTracker
+
+    lr = 1e-3 if full else 1e-2
+    cfg = LoraTrainConfig(r=2, alpha=4, lr=lr, batch_size=2, grad_accumulation=2, max_steps=7, dropout=0.1,
+                          warmup_steps=2, schedule="cosine", seed=3)
+
+    def fresh():
+        model = tiny_model("llama", vocab_size=len(smol_tokenizer), initializer_range=0.5)
+        mods = linear_modules(model)
+        groups = {"g": {n: torch.rand(linear_weight(m).shape, generator=torch.Generator().manual_seed(1)) < 0.1
+                        for n, m in mods.items()}}
+        return model, DriftTracker(model, groups, every=1)
+
+    model, tracker = fresh()
+    trained, hist = train_lora(model, smol_tokenizer, EXAMPLES, cfg, progress=False, full=full,
+                               on_step=tracker.on_step)
+    tracker.finish(7, trained)
+    want = _trainable(trained)
+
+    def killed(step, loss, m):
+        if step == 5:
+            raise KeyboardInterrupt
+        tracker2.on_step(step, loss, m)
+
+    ckpt = tmp_path / "ckpt"
+    model2, tracker2 = fresh()
+    with pytest.raises(KeyboardInterrupt):
+        train_lora(model2, smol_tokenizer, EXAMPLES, cfg, progress=False, full=full, on_step=killed,
+                   checkpoint_dir=ckpt, checkpoint_every=2, state={"drift": tracker2})
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step-2", "step-4"]
+
+    model3, tracker3 = fresh()
+    seen = []
+    with caplog.at_level("WARNING", logger="brittle.finetune"):
+        trained3, hist3 = train_lora(model3, smol_tokenizer, EXAMPLES, cfg, progress=False, full=full,
+                                     on_step=lambda s, loss, m: (seen.append(s), tracker3.on_step(s, loss, m)),
+                                     checkpoint_dir=ckpt, checkpoint_every=2, state={"drift": tracker3})
+    assert "resuming fine-tuning from" in caplog.text and "step-4 (step 4 of 7)" in caplog.text
+    assert seen == [5, 6, 7]
+    assert hist3.steps == hist.steps and hist3.loss == hist.loss and hist3.lr == hist.lr
+    got = _trainable(trained3)
+    assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
+    tracker3.finish(7, trained3)
+    assert tracker3.table().equals(tracker.table())
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step-6", "step-7"]  # the last 2 (the final step included)
+
+
+def test_a_checkpoint_of_another_setup_is_refused(smol_tokenizer, tmp_path):
+    from brittle.drift import DriftTracker
+
+    cfg = LoraTrainConfig(r=2, alpha=4, lr=1e-2, batch_size=4, max_steps=1)
+
+    def run(c=cfg, examples=EXAMPLES, folder=tmp_path, every=None, **kw):
+        model = tiny_model("llama", vocab_size=len(smol_tokenizer))
+        if every is not None:  # a drift log saved with the checkpoint
+            group = {n: torch.ones_like(linear_weight(m), dtype=torch.bool) for n, m in linear_modules(model).items()}
+            kw["state"] = {"drift": DriftTracker(model, {"all": group}, every=every)}
+        return train_lora(model, smol_tokenizer, examples, c, progress=False, checkpoint_dir=folder, **kw)
+
+    run()
+    with pytest.raises(BrittleError, match=r"different training setup.*config\.lr: 0\.01 in the checkpoint, 0\.02 now"):
+        run(cfg.model_copy(update={"lr": 2e-2}))
+    with pytest.raises(BrittleError, match=r"config\.grad_accumulation: 1 in the checkpoint, 2 now"):
+        run(cfg.model_copy(update={"grad_accumulation": 2}))
+    with pytest.raises(BrittleError, match=r"examples_sha256"):
+        run(examples=EXAMPLES[::-1])
+    with pytest.raises(BrittleError, match=r"n_examples: 8 in the checkpoint, 7 now"):
+        run(examples=EXAMPLES[:7])
+    with pytest.raises(BrittleError, match=r"full: False in the checkpoint, True now"):
+        run(full=True)
+    with pytest.raises(BrittleError, match="needs a checkpoint_dir"):
+        train_lora(tiny_model("llama", vocab_size=len(smol_tokenizer)), smol_tokenizer, EXAMPLES, cfg,
+                   progress=False, checkpoint_every=1)
+    with pytest.raises(BrittleError, match=r"state: \[\] in the checkpoint, \['drift'\] now"):
+        run(every=1)
+    run(folder=tmp_path / "drift", every=1)
+    with pytest.raises(BrittleError, match="the saved drift log differs from this tracker in every"):
+        run(folder=tmp_path / "drift", every=2)
+    assert run()[1].steps == [1]  # the same setup resumes (here: finished already)
+
+
+def test_non_finite_loss_stops_naming_step_and_micro_batch_and_keeps_the_last_good_checkpoint(smol_tokenizer, tmp_path):
+    """A weight set to inf by on_step after step 3 makes step 4's first micro-batch loss non-finite; the step-2
+    checkpoint (checkpoints every 2 steps) stays, and resumes into the same run as one never poisoned."""
+    cfg = LoraTrainConfig(r=2, alpha=4, lr=1e-2, batch_size=2, grad_accumulation=2, max_steps=6)
+
+    def poison(step, loss, model):
+        if step == 3:
+            with torch.no_grad():
+                next(p for n, p in model.named_parameters() if "lora_A" in n)[0, 0] = float("inf")
+
+    def run(**kw):
+        return train_lora(tiny_model("llama", vocab_size=len(smol_tokenizer)), smol_tokenizer, EXAMPLES, cfg,
+                          progress=False, **kw)
+
+    with pytest.raises(BrittleError, match=r"the loss is (nan|inf) at step 4 \(micro-batch 1 of 2\); training stopped, "
+                                           r"last good checkpoint: .*step-2"):
+        run(checkpoint_dir=tmp_path, checkpoint_every=2, on_step=poison)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-2"]
+    assert run(checkpoint_dir=tmp_path, checkpoint_every=2)[1].loss == run()[1].loss
+    huge = tmp_path / "lr1e30"  # the other way to blow up: AdamW moves every adapter entry by ~lr at step 1
+    with pytest.raises(BrittleError, match=r"the loss is (nan|inf) at step 2 \(micro-batch 1 of 2\)"):
+        train_lora(tiny_model("llama", vocab_size=len(smol_tokenizer)), smol_tokenizer, EXAMPLES,
+                   cfg.model_copy(update={"lr": 1e30}), progress=False, checkpoint_dir=huge, checkpoint_every=1)

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from .io import BrittleError
 from .models import linear_modules, linear_weight
 
 QUANTILES = (0.05, 0.25, 0.75, 0.95)
@@ -126,7 +127,7 @@ class DriftTracker:
                     continue
                 rows, cols = mask.nonzero(as_tuple=True)  # row-major: rows sorted
                 self.index[gname][mname] = (rows, cols)
-                self.w0[gname][mname] = linear_weight(mods[mname]).detach()[rows, cols].to(torch.float32).clone()
+                self.w0[gname][mname] = linear_weight(mods[mname]).detach()[rows, cols].to(device="cpu", dtype=torch.float32)
                 self.context[(gname, mname)] = stats_context(self.w0[gname][mname], rows, rel_threshold)
         self.rows: list[dict[str, Any]] = []
         self.last_step = -1
@@ -184,6 +185,27 @@ class DriftTracker:
         """Record the last step (if it was not just recorded): the final per-entry drift is :attr:`final`."""
         if step != self.last_step:
             self._record(step, *self.deltas(model))
+
+    def state_dict(self) -> dict[str, Any]:
+        """The log so far, for a training checkpoint (``train_lora(state={"drift": tracker})``): the rows, the last
+        recorded step and its Delta (:attr:`final`), and the settings they were recorded with (checked on load).
+        ``W_0`` is not in it: it is read from the unchanged base weights when the tracker is built."""
+        return {"settings": self._settings(), "rows": [dict(r) for r in self.rows], "last_step": self.last_step,
+                "final": self.final}
+
+    def load_state_dict(self, d: Mapping[str, Any]) -> None:
+        """Continue the log of :meth:`state_dict` ``d`` (replacing the rows recorded so far)."""
+        mine = self._settings()
+        differ = [k for k in mine if d["settings"][k] != mine[k]]
+        if differ:
+            raise BrittleError(f"the saved drift log differs from this tracker in {', '.join(differ)} (entries: the "
+                               f"number tracked per group and module); cannot continue it")
+        self.rows = [dict(r) for r in d["rows"]]
+        self.last_step, self.final = d["last_step"], d["final"]
+
+    def _settings(self) -> dict[str, Any]:
+        entries = {g: {m: len(rows) for m, (rows, _) in idx.items()} for g, idx in self.index.items()}
+        return {"every": self.every, "rel_threshold": self.rel_threshold, "entries": entries}
 
     def table(self):
         import pandas as pd

@@ -1,25 +1,49 @@
-"""LoRA fine-tuning on (prompt, response) examples with response-only loss.
+"""LoRA fine-tuning on (prompt, response) examples with response-only loss, with warm-up and decay of the
+learning rate, gradient accumulation, checkpoints that resume bit-exactly, and a stop on a non-finite loss.
 
-The loss is Hugging Face's causal-LM loss on the labels from :func:`brittle.data.encode` (prompt tokens
-ignored), i.e. the mean cross-entropy over all response tokens of a batch. Training is deterministic for
-a given seed on a given device (shuffling by ``random.Random(seed)``, LoRA init by ``torch.manual_seed``).
+One *step* is one optimiser step (``max_steps``, ``on_step``, the history and checkpoints all count these). A step
+takes the next ``batch_size * grad_accumulation`` examples of the epoch's seeded shuffle, split into micro-batches
+of ``batch_size`` (the last step of an epoch may have fewer, the last micro-batch fewer examples). Its loss is
+
+    L = (1 / m) * sum_k L_k,   L_k = Hugging Face's causal-LM loss of micro-batch k
+
+where ``L_k`` is the mean cross-entropy (nats per token) over the response tokens of micro-batch ``k`` (labels
+from :func:`brittle.data.encode`, prompt tokens ignored) and ``m`` the number of micro-batches of the step. So
+micro-batches are weighted equally, not tokens: ``L`` equals the loss of one batch of all the step's examples
+exactly when every micro-batch has the same number of response tokens. The gradient is that of ``L``.
+
+Training is deterministic for a given seed on a given device (shuffling by ``random.Random(seed)``, LoRA init by
+``torch.manual_seed``); a run resumed from a checkpoint repeats the uninterrupted run's floats on CPU.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import math
 import random
+import re
+import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
 from tqdm.auto import tqdm
 
 from .data.core import Example, encode, pad_batch
-from .io import BrittleError, FrozenConfig
+from .io import BrittleError, FrozenConfig, sha256_json
 from .models import decoder_layers, linear_modules
+
+log = logging.getLogger(__name__)
+
+# our schedule names -> transformers.get_scheduler's (its "constant" ignores warm-up)
+_SCHEDULERS = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
+KEEP_CHECKPOINTS = 2
 
 
 class LoraTrainConfig(FrozenConfig):
@@ -29,23 +53,36 @@ class LoraTrainConfig(FrozenConfig):
     alpha: int = Field(32, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
     targets: tuple[str, ...] = ("all",)
-    lr: float = Field(3e-4, gt=0)
+    lr: float = Field(3e-4, gt=0, description="Peak learning rate of AdamW (after warm-up).")
     weight_decay: float = Field(0.0, ge=0)
-    batch_size: int = Field(8, gt=0)
+    batch_size: int = Field(8, gt=0, description="Examples per micro-batch (per forward/backward pass).")
     epochs: int = Field(1, gt=0)
-    max_steps: int | None = Field(None, gt=0)
+    max_steps: int | None = Field(None, gt=0, description="Optimiser steps to train (instead of `epochs`).")
     max_length: int = Field(256, gt=0)
     seed: int = 0
+    warmup_steps: int = Field(0, ge=0, description=(
+        "Optimiser steps of linear warm-up: step k (1-based) <= warmup_steps uses lr * (k - 1) / warmup_steps "
+        "(transformers' convention: the first step has lr 0)."))
+    schedule: Literal["constant", "linear", "cosine"] = Field("constant", description=(
+        "Learning rate after warm-up, for steps k = W+1 .. N (W = warmup_steps, N = all steps): constant lr; "
+        "linear lr * (N - k + 1) / (N - W); cosine lr * (1 + cos(pi * (k - 1 - W) / (N - W))) / 2. Both decay "
+        "towards 0, which they reach just after the last step (transformers.get_scheduler)."))
+    grad_accumulation: int = Field(1, gt=0, description=(
+        "Micro-batches per optimiser step; the step's loss is the mean of their losses (see brittle.finetune)."))
 
 
 @dataclass
 class TrainHistory:
+    """Per optimiser step: its number, loss (mean over its micro-batches, nats per response token) and the
+    learning rate it used; ``seconds`` of training, summed over resumed runs."""
+
     steps: list[int] = field(default_factory=list)
     loss: list[float] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
-        return {"steps": self.steps, "loss": self.loss, "seconds": round(self.seconds, 2)}
+        return {"steps": self.steps, "loss": self.loss, "lr": self.lr, "seconds": round(self.seconds, 2)}
 
 
 def lora_target_modules(model, roles: Sequence[str]) -> list[str]:
@@ -85,10 +122,13 @@ def train_lora(
     full: bool = False,
     freeze: Mapping[str, torch.Tensor] | None = None,
     freeze_mode: str = "weights",
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int | None = None,
+    state: Mapping[str, Any] | None = None,
 ):
     """Train LoRA adapters (or, with ``full``, every parameter; ``cfg``'s LoRA settings are then unused) on
     ``examples``; returns ``(trained_model, TrainHistory)``; :func:`merge_lora` folds the training into a plain
-    model.
+    model. The loss, steps and learning-rate schedule are described in the module docstring.
 
     ``freeze`` (a group: canonical module name -> bool mask) holds those weight entries fixed in
     ``freeze_mode`` (see :mod:`brittle.freeze`); bad groups are reported before training starts.
@@ -97,11 +137,24 @@ def train_lora(
     examples with and some without a system prompt.
 
     ``on_step(step, loss, peft_model)`` is called after every optimiser step (drift tracking hooks in here).
+
+    ``checkpoint_dir``: a checkpoint is written there every ``checkpoint_every`` steps and after the last step
+    (the last :data:`KEEP_CHECKPOINTS` are kept); if it already holds one, training resumes from the latest and
+    gives the same floats as an uninterrupted run (on CPU; :func:`_save_checkpoint` lists what is saved). A
+    checkpoint of another setup (config, ``full``, freezing, examples, ``state`` names) is refused.
+    ``state``: name -> object with ``state_dict()`` / ``load_state_dict(d)`` (e.g. a
+    :class:`brittle.drift.DriftTracker`), saved and restored with each checkpoint; whatever ``on_step``
+    accumulates belongs there, since on resume ``on_step`` is called only for the steps after the checkpoint.
+
+    A non-finite loss stops training with a :class:`BrittleError` (naming the step and micro-batch); no
+    checkpoint is written of non-finite weights, so the last good one stays on disk.
     """
     if not examples:
         raise BrittleError("cannot fine-tune on an empty dataset")
     if system_prompts is not None and len(system_prompts) != len(examples):
         raise BrittleError(f"{len(system_prompts)} system prompts for {len(examples)} examples")
+    if checkpoint_every is not None and (checkpoint_dir is None or checkpoint_every < 1):
+        raise BrittleError(f"checkpoint_every={checkpoint_every} needs a checkpoint_dir and a value >= 1")
     sys_for = system_prompts or [None] * len(examples)
     encoded = [encode(tokenizer, e, cfg.max_length, system_prompt=sp) for e, sp in zip(examples, sys_for, strict=True)]
     empty = [e.id for e, x in zip(examples, encoded, strict=True) if int((x["labels"] != -100).sum()) == 0]
@@ -124,42 +177,182 @@ def train_lora(
                           freeze_mode, full=full)
     peft_model.brittle_freezer = freezer  # merge_lora applies the mode
     peft_model.train()
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(encoded) / cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else cfg.max_steps
-    rng = random.Random(cfg.seed)
+    params = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    per_step = cfg.batch_size * cfg.grad_accumulation
+    total = math.ceil(len(encoded) / per_step) * cfg.epochs if cfg.max_steps is None else cfg.max_steps
+    from transformers import get_scheduler
+
+    sched = get_scheduler(_SCHEDULERS[cfg.schedule], opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=total)
     device = next(peft_model.parameters()).device
-    hist = TrainHistory()
-    t0 = time.perf_counter()
-    bar = tqdm(total=total, desc="fine-tune", disable=not progress, unit="step")
-    step = 0
-    while step < total:
-        order = list(range(len(encoded)))
-        rng.shuffle(order)
-        for start in range(0, len(order), cfg.batch_size):
-            if step >= total:
-                break
-            batch = pad_batch([encoded[i] for i in order[start : start + cfg.batch_size]], tokenizer.pad_token_id)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            loss = peft_model(**batch).loss
-            loss.backward()
+    # the loop's whole state: the shuffler, the current epoch's order and the position in it, the step
+    loop = {"rng": random.Random(cfg.seed), "order": [], "position": 0, "step": 0, "hist": TrainHistory()}
+    state = dict(state or {})
+    folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if folder is not None:
+        fingerprint = _fingerprint(cfg, full, freeze, freeze_mode, encoded, state)
+        latest = _prepare_checkpoint_dir(folder)
+        if latest is not None:
+            _load_checkpoint(latest, fingerprint, params, opt, sched, loop, state, device)
+            log.warning("resuming fine-tuning from %s (step %d of %d)", latest, loop["step"], total)
+    hist = loop["hist"]
+    t0, seconds_before = time.perf_counter(), hist.seconds
+    bar = tqdm(total=total, initial=loop["step"], desc="fine-tune", disable=not progress, unit="step")
+    try:
+        while loop["step"] < total:
+            if loop["position"] >= len(loop["order"]):  # a new epoch
+                loop["order"] = list(range(len(encoded)))
+                loop["rng"].shuffle(loop["order"])
+                loop["position"] = 0
+            chunk = loop["order"][loop["position"] : loop["position"] + per_step]
+            loop["position"] += len(chunk)
+            micro = [chunk[i : i + cfg.batch_size] for i in range(0, len(chunk), cfg.batch_size)]
+            step, lr, losses = loop["step"] + 1, opt.param_groups[0]["lr"], []
+            for k, idx in enumerate(micro):
+                batch = pad_batch([encoded[i] for i in idx], tokenizer.pad_token_id)
+                loss = peft_model(**{key: v.to(device) for key, v in batch.items()}).loss
+                losses.append(float(loss.detach()))
+                if not math.isfinite(losses[-1]):  # before backward: nothing of the bad state reaches the weights
+                    kept = _complete_checkpoints(folder)[-1:] if folder is not None else []
+                    raise BrittleError(f"the loss is {losses[-1]} at step {step} (micro-batch {k + 1} of "
+                                       f"{len(micro)}); training stopped"
+                                       + (f", last good checkpoint: {kept[0]}" if kept else ""))
+                (loss / len(micro)).backward()  # the gradient of the mean over micro-batches (/1 is exact)
             opt.step()
+            sched.step()
             opt.zero_grad(set_to_none=True)
             if freezer is not None:
                 freezer.after_step()
-            step += 1
+            loop["step"] = step
+            value = sum(losses) / len(losses)
             hist.steps.append(step)
-            value = float(loss.detach())
             hist.loss.append(value)
+            hist.lr.append(lr)
             bar.update(1)
             bar.set_postfix(loss=f"{value:.3f}")
             if on_step is not None:
                 on_step(step, value, peft_model)
-    bar.close()
-    hist.seconds = time.perf_counter() - t0
+            # after on_step, so that the saved extra states include this step
+            due = step == total or (checkpoint_every is not None and step % checkpoint_every == 0)
+            if folder is not None and due:
+                hist.seconds = seconds_before + time.perf_counter() - t0
+                _save_checkpoint(folder, fingerprint, params, opt, sched, loop, state, device)
+    finally:
+        bar.close()
+    hist.seconds = seconds_before + time.perf_counter() - t0
     peft_model.eval()
     return peft_model, hist
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints: DIR/step-N/, written into DIR/step-N.partial/ and renamed, so a directory step-N is complete.
+
+_STEP_DIR = re.compile(r"step-(\d+)")
+
+
+def _fingerprint(cfg, full, freeze, freeze_mode, encoded, state) -> dict[str, Any]:
+    """What a checkpoint must have been trained with to be resumed (JSON-normalised: tuples become lists)."""
+    group = None
+    if freeze is not None:
+        h = hashlib.sha256()
+        for name in sorted(freeze):
+            h.update(f"{name}:{list(freeze[name].shape)};".encode())
+            h.update(freeze[name].cpu().numpy().tobytes())
+        group = h.hexdigest()
+    tokens = [[x["input_ids"].tolist(), x["labels"].tolist()] for x in encoded]
+    fp = {"config": cfg.to_dict(), "full": full, "freeze_mode": freeze_mode if freeze is not None else None,
+          "freeze_group_sha256": group, "n_examples": len(encoded), "examples_sha256": sha256_json(tokens),
+          "state": sorted(state)}
+    return json.loads(json.dumps(fp))
+
+
+def _differences(old: Mapping, new: Mapping, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k, "(absent)"), new.get(k, "(absent)")
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += _differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {a!r} in the checkpoint, {b!r} now")
+    return out
+
+
+def _complete_checkpoints(folder: Path) -> list[Path]:
+    """The complete checkpoints in ``folder``, oldest step first."""
+    found = [(int(m.group(1)), p) for p in folder.glob("step-*") if (m := _STEP_DIR.fullmatch(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def _prepare_checkpoint_dir(folder: Path) -> Path | None:
+    """Create ``folder``, remove unfinished writes (``*.partial`` of a killed run); the latest checkpoint."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for p in folder.glob("step-*.partial"):
+        shutil.rmtree(p)
+    found = _complete_checkpoints(folder)
+    return found[-1] if found else None
+
+
+def _save_checkpoint(folder: Path, fingerprint, params, opt, sched, loop, state, device) -> Path:
+    """Write ``step-N`` (N = ``loop["step"]``) and drop all but the last :data:`KEEP_CHECKPOINTS`. It holds
+    ``trainable.safetensors`` (the trainable parameters as trained: LoRA factors in fp32, or every parameter),
+    ``optimizer.pt`` (optimizer and scheduler state, torch CPU RNG state and CUDA's when training there),
+    ``extra.pt`` (the ``state`` objects' state dicts) and ``state.json`` (step, the shuffler's state, the epoch's
+    order and the position in it, the history so far, the setup fingerprint)."""
+    from safetensors.torch import save_file
+
+    step = loop["step"]
+    bad = [n for n, p in params.items() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise BrittleError(f"non-finite weights after step {step} (e.g. {bad[0]}); training stopped, no checkpoint "
+                           f"written of them")
+    final, tmp = folder / f"step-{step}", folder / f"step-{step}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file({n: p.detach().cpu().contiguous() for n, p in params.items()}, str(tmp / "trainable.safetensors"))
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}, tmp / "optimizer.pt")
+    torch.save({name: obj.state_dict() for name, obj in state.items()}, tmp / "extra.pt")
+    hist = loop["hist"]
+    meta = {"step": step, "fingerprint": fingerprint, "order": loop["order"], "position": loop["position"],
+            "python_rng": loop["rng"].getstate(),
+            "history": {"steps": hist.steps, "loss": hist.loss, "lr": hist.lr, "seconds": hist.seconds}}
+    (tmp / "state.json").write_text(json.dumps(meta))  # floats round-trip exactly through repr
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for old in _complete_checkpoints(folder)[:-KEEP_CHECKPOINTS]:
+        shutil.rmtree(old)
+    return final
+
+
+def _load_checkpoint(path: Path, fingerprint, params, opt, sched, loop, state, device) -> None:
+    """Restore everything :func:`_save_checkpoint` wrote into the live objects; refuse another setup's."""
+    from safetensors.torch import load_file
+
+    meta = json.loads((path / "state.json").read_text())
+    diff = _differences(meta["fingerprint"], fingerprint)
+    if diff:
+        raise BrittleError(f"the checkpoint {path} was written by a different training setup; refusing to resume "
+                           f"(use another checkpoint directory): " + "; ".join(diff))
+    saved = load_file(str(path / "trainable.safetensors"))
+    if set(saved) != set(params):
+        raise BrittleError(f"the checkpoint {path} holds other parameters than the model trains")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(saved[n])
+    rest = torch.load(path / "optimizer.pt", weights_only=True)
+    opt.load_state_dict(rest["optimizer"])
+    sched.load_state_dict(rest["scheduler"])
+    torch.set_rng_state(rest["torch_rng"])
+    if rest["cuda_rng"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(rest["cuda_rng"], device)
+    extra = torch.load(path / "extra.pt", weights_only=True)
+    for name, obj in state.items():
+        obj.load_state_dict(extra[name])
+    version, internal, gauss = meta["python_rng"]
+    loop["rng"].setstate((version, tuple(internal), gauss))
+    h = meta["history"]
+    loop.update(step=meta["step"], order=meta["order"], position=meta["position"],
+                hist=TrainHistory(h["steps"], h["loss"], h["lr"], h["seconds"]))
 
 
 def merge_lora(trained):
