@@ -73,16 +73,9 @@ def ablation_eval_config(**overrides):
 
 
 def _row(kind: str, sparsity: float | None, p: float | None, frac: float, summary: dict) -> dict:
-    asr = summary["asr"]["vanilla_nosys"]
-    wei = summary["by_judge"]["keyword-wei"]["asr"]["vanilla_nosys"]
-    return {
-        "group": kind, "sparsity": sparsity, "p": p, "q": sparsity, "fraction_removed": frac,
-        "asr_wei": wei["value"], "asr": asr["value"], "asr_ci95_low": asr["ci95"][0], "asr_ci95_high": asr["ci95"][1],
-        "degenerate": summary["degenerate"]["vanilla_nosys"], "refusal": summary["refusal_harmful"],
-        "over_refusal": summary["over_refusal"], "degenerate_benign": summary.get("degenerate_benign"),
-        "perplexity": summary["perplexity"], "accuracy_mean": (summary["accuracy"] or {}).get("mean"),
-        "n_harmful": asr["n"],
-    }
+    from .evaluation.report import headline
+
+    return {"group": kind, "sparsity": sparsity, "p": p, "q": sparsity, "fraction_removed": frac, **headline(summary)}
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,15 @@ class AlignConfig(FrozenConfig):
     seed: int = 0
 
     def digest(self) -> str:
-        return sha256_json(self.to_dict())[:12]
+        """Names the cached organism. Trainer settings added after the first recipe (warm-up, schedule, gradient
+        accumulation) enter only when they differ from their defaults, which reproduce the earlier trainer
+        exactly: an unchanged recipe keeps its name and its cache."""
+        d = self.to_dict()
+        lora_defaults = LoraTrainConfig().to_dict()
+        for key in ("warmup_steps", "schedule", "grad_accumulation"):
+            if d["lora"][key] == lora_defaults[key]:
+                del d["lora"][key]
+        return sha256_json(d)[:12]
 
 
 def alignment_examples(model, tokenizer, cfg: AlignConfig, *, progress: bool = True) -> list[Example]:

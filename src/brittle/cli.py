@@ -312,6 +312,63 @@ def ablate_cmd(
     typer.echo(f"table: {ab.path('table')} (and ablation.md); figure: {ab.path('figure')}")
 
 
+@app.command("finetune")
+@user_errors
+def finetune_cmd(
+    out: OutOpt,
+    model: ModelOpt = None,
+    data: Annotated[str | None, opt("finetune.data", "--data")] = None,
+    n_examples: Annotated[int | None, opt("finetune.n_examples", "--n-examples")] = None,
+    freeze: Annotated[str | None, opt("finetune.freeze", "--freeze")] = None,
+    freeze_mode: Annotated[str | None, opt("finetune.freeze_mode", "--freeze-mode")] = None,
+    track: Annotated[list[str] | None, opt("finetune.track", "--track", help="Group file, folder of group files or group name whose drift is recorded (repeatable; 'none' for none).")] = None,
+    drift_every: Annotated[int | None, opt("finetune.drift_every", "--drift-every")] = None,
+    full: Annotated[bool | None, opt("finetune.full", "--full/--lora")] = None,
+    targets: Annotated[str | None, opt("finetune.train.targets", "--targets", help="Comma-separated roles adapted by LoRA (q,k,v,o,gate,up,down...) or all.")] = None,
+    rank: Annotated[int | None, opt("finetune.train.r", "--rank", "-r")] = None,
+    alpha: Annotated[int | None, opt("finetune.train.alpha", "--alpha")] = None,
+    dropout: Annotated[float | None, opt("finetune.train.dropout", "--dropout", help="LoRA dropout (0 for freeze mode weights).")] = None,
+    lr: Annotated[float | None, opt("finetune.train.lr", "--lr")] = None,
+    schedule: Annotated[str | None, opt("finetune.train.schedule", "--schedule", help="constant | linear | cosine (after warm-up).")] = None,
+    warmup_steps: Annotated[int | None, opt("finetune.train.warmup_steps", "--warmup-steps", help="Optimiser steps of linear warm-up.")] = None,
+    batch_size: Annotated[int | None, opt("finetune.train.batch_size", "--batch-size")] = None,
+    grad_accumulation: Annotated[int | None, opt("finetune.train.grad_accumulation", "--grad-accumulation", help="Micro-batches per optimiser step.")] = None,
+    epochs: Annotated[int | None, opt("finetune.train.epochs", "--epochs", help="Passes over the data (attack: 5 unless given).")] = None,
+    max_steps: Annotated[int | None, opt("finetune.train.max_steps", "--max-steps")] = None,
+    max_length: Annotated[int | None, opt("finetune.train.max_length", "--max-length")] = None,
+    checkpoint_every: Annotated[int | None, opt("finetune.checkpoint_every", "--checkpoint-every")] = None,
+    merge: Annotated[bool | None, opt("finetune.merge", "--merge/--no-merge")] = None,
+    evaluate: Annotated[bool | None, opt("finetune.evaluate", "--eval/--no-eval")] = None,
+    n_harmful: Annotated[int | None, opt("finetune.eval.n_harmful", "--n-harmful", help="Held-out AdvBench behaviours in the before/after evaluation.")] = None,
+    seed: SeedOpt = None,
+    dtype: Annotated[str | None, opt("dtype", "--dtype")] = None,
+    device: Annotated[str | None, opt("device", "--device")] = None,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Fine-tune the model (LoRA or --full) on --data, optionally with a group frozen, tracking the drift of
+    groups; evaluate before and after -> OUT/finetune/ (adapter/, loss.csv/.png, drift/, eval/before|after/)."""
+    options = given(
+        model=model, seed=seed, dtype=dtype, device=device, finetune__data=data, finetune__n_examples=n_examples,
+        finetune__freeze=freeze, finetune__freeze_mode=freeze_mode,
+        finetune__track=None if track is None else [t for t in track if t != "none"],
+        finetune__drift_every=drift_every, finetune__full=full,
+        finetune__train__targets=None if targets is None else [t.strip() for t in targets.split(",") if t.strip()],
+        finetune__train__r=rank, finetune__train__alpha=alpha, finetune__train__dropout=dropout,
+        finetune__train__lr=lr, finetune__train__schedule=schedule, finetune__train__warmup_steps=warmup_steps,
+        finetune__train__batch_size=batch_size, finetune__train__grad_accumulation=grad_accumulation,
+        finetune__train__epochs=epochs, finetune__train__max_steps=max_steps, finetune__train__max_length=max_length,
+        finetune__checkpoint_every=checkpoint_every, finetune__merge=merge, finetune__evaluate=evaluate,
+        finetune__eval__n_harmful=n_harmful)
+    run_set = data if data in ("utility", "safety") else None
+    if run_set:  # the model's own set: the data stage builds it in this run
+        options["data"] = {"sets": {run_set: run_set}}
+    _, results = run_stages(out, ["data", "finetune"] if run_set else ["finetune"], options, force=force, sets=set_)
+    ft = results["finetune"]
+    typer.echo(f"fine-tuned: {ft.folder} (loss curve {ft.folder / 'loss.png'}"
+               + (f", drift {ft.folder / 'drift' / 'drift.parquet'}" if (ft.folder / "drift").is_dir() else "") + ")")
+
+
 @app.command("eval")
 @user_errors
 def eval_cmd(

@@ -25,10 +25,11 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from .ablation import DEFAULT_SPARSITIES, GROUP_KINDS, PQ_PRESETS
 from .align import AlignConfig
 from .evaluation.config import EvalConfig, SweepEvalConfig
+from .finetune.job import FinetuneConfig
 from .io import BrittleError, FrozenConfig
 
-STAGES = ("align", "data", "scores", "groups", "ablation", "eval")
-StageName = Literal["align", "data", "scores", "groups", "ablation", "eval"]
+STAGES = ("align", "data", "scores", "groups", "ablation", "finetune", "eval")
+StageName = Literal["align", "data", "scores", "groups", "ablation", "finetune", "eval"]
 Fraction = float  # 0 < x <= 1, checked by the validators below
 
 
@@ -157,6 +158,7 @@ class ExperimentConfig(BaseSettings):
     scores: ScoreConfig = ScoreConfig()
     groups: GroupsConfig = GroupsConfig()
     ablation: AblationConfig = AblationConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
     eval: EvalConfig = EvalConfig()
 
     @field_validator("stages")
@@ -170,7 +172,9 @@ class ExperimentConfig(BaseSettings):
     def _one_seed(self) -> ExperimentConfig:
         # The experiment's seed is the seed of every stage; a different seed inside an evaluation section
         # would silently be replaced, so it is an error.
-        for name, section in (("eval", self.eval), ("ablation.eval", self.ablation.eval)):
+        sections = (("eval", self.eval), ("ablation.eval", self.ablation.eval), ("finetune.eval", self.finetune.eval),
+                    ("finetune.train", self.finetune.train))
+        for name, section in sections:
             if section.seed not in (0, self.seed):
                 raise ValueError(f"{name}.seed = {section.seed}: set the experiment's top-level seed instead")
         return self

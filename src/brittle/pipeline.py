@@ -12,6 +12,8 @@ Stage folders in the run directory::
     scores/<set>-<method>/   scores.safetensors (stage "scores", one folder per set)
     groups/                  <group>.safetensors, summary.csv/.md, sweep/<label>.safetensors (stage "groups")
     ablation/                ablation.csv/.md/.png, eval/<label>/ (stage "ablation")
+    finetune/                adapter/, loss.csv/.png, drift/, eval/before|after/ (stage "finetune";
+                             checkpoints of an unfinished run in checkpoints/finetune/)
     eval/                    summary.json/.md, generations/ (stage "eval")
 """
 
@@ -212,6 +214,90 @@ def ablation_stage(ctx: RunContext, cfg: ExperimentConfig) -> StageResult:
     return run_stage(ctx, "ablation", ctx.out / "ablation", settings, inputs, produce)
 
 
+def _group_files(specs: list[str], groups: StageResult | None, what: str) -> dict[str, Path]:
+    """Group name -> file for names of the run's groups stage, group files and folders of them."""
+    named = {k: groups.path(k) for k, v in groups.outputs.items() if isinstance(v, dict) and
+             str(v.get("file", "")).endswith(".safetensors")} if groups is not None else {}
+    out: dict[str, Path] = {}
+    for spec in specs:
+        path = Path(spec)
+        if spec in named:
+            out[spec] = named[spec]
+        elif path.is_dir():
+            found = sorted(path.glob("*.safetensors"))
+            if not found:
+                raise BrittleError(f"{what}: the folder {path} holds no group file (*.safetensors)")
+            out.update({p.stem: p for p in found})
+        elif path.is_file():
+            out[path.stem] = path
+        else:
+            known = ", ".join(named) or "none: the run has no groups stage"
+            raise BrittleError(f"{what}: '{spec}' is neither a group of this run ({known}) nor a group file or folder")
+    return out
+
+
+def _load_run_group(path: Path, fingerprint: str, what: str) -> dict[str, Any]:
+    """A group file's masks, refused when it records another model's weights."""
+    from .groups import load_group
+
+    group, meta = load_group(path)
+    recorded = meta.get("model_hash") or meta.get("weights_fingerprint")  # the scored model's weight fingerprint
+    if recorded and recorded != fingerprint:
+        raise BrittleError(f"{what}: {path} was selected on another model (weights {recorded[:12]}, this run's model "
+                           f"{fingerprint[:12]}); build the groups on the model you fine-tune")
+    return group
+
+
+def finetune_stage(ctx: RunContext, cfg: ExperimentConfig) -> StageResult:
+    """Stage ``finetune``: fine-tune a copy of the run's model (see :mod:`brittle.finetune.job`)."""
+    import copy
+    import shutil
+
+    from .finetune import finetune_examples, run_finetune
+
+    ft = cfg.finetune
+    model, tok, fingerprint = run_model(ctx, cfg)
+    groups = ctx.results.get("groups")
+    data = ctx.results.get("data")
+    run_sets = {name: data.path(name) for name in data.outputs} if data is not None else {}
+    eval_cfg = cfg.eval_config(ft.eval)
+    examples, data_record = finetune_examples(ft.data, ft.n_examples, cfg.seed, run_sets=run_sets, eval_config=eval_cfg)
+    freeze_file = _group_files([ft.freeze], groups, "finetune.freeze") if ft.freeze else {}
+    if ft.track is None:
+        track_files = _group_files([k for k in (groups.outputs if groups else {}) if k not in ("sweep", "summary")],
+                                   groups, "finetune.track")
+    else:
+        track_files = _group_files(ft.track, groups, "finetune.track")
+    freeze = {n: _load_run_group(p, fingerprint, "finetune.freeze") for n, p in freeze_file.items()}
+    track = {n: _load_run_group(p, fingerprint, "finetune.track") for n, p in track_files.items()}
+    if ft.full and ft.freeze_mode in ("weights", "rows") and freeze:
+        raise BrittleError(f"finetune.freeze_mode = {ft.freeze_mode} is for LoRA; with full = true use full-masked or rewind")
+    settings = {"seed": cfg.seed, **ft.to_dict()}
+    inputs = {"model_weights": fingerprint, "data": data_record["sha256"],
+              "freeze": {n: sha256_file(p) for n, p in freeze_file.items()},
+              "track": {n: sha256_file(p) for n, p in track_files.items()}}
+    checkpoints = ctx.out / "checkpoints" / "finetune"
+    if ctx.force and checkpoints.exists():
+        shutil.rmtree(checkpoints)  # --force: start over rather than resume another setup's training
+
+    def produce(folder: Path) -> dict[str, Any]:
+        ctx.log(f"[finetune] data {ft.data}: {data_record['n']} examples"
+                + (f" ({data_record['excluded']} left out: the evaluation uses them)" if data_record["excluded"] else ""))
+        work = copy.deepcopy(model)  # the run's model stays as loaded for the stages after this one
+        outputs = run_finetune(work, tok, examples, ft, folder, train_config=ft.train.model_copy(update={"seed": cfg.seed}),
+                               freeze=next(iter(freeze.values()), None), track=track, checkpoint_dir=checkpoints,
+                               eval_config=eval_cfg, progress=ctx.progress, log=ctx.log)
+        del work
+        shutil.rmtree(checkpoints, ignore_errors=True)
+        for when, figures in outputs.get("evaluation", {}).items():
+            ctx.log(f"[finetune] {when}: " + ", ".join(f"{k} {v:.3g}" for k, v in figures.items()
+                                                      if k in ("refusal", "asr", "perplexity", "accuracy_mean")
+                                                      and v is not None))
+        return {**outputs, "data": data_record}
+
+    return run_stage(ctx, "finetune", ctx.out / "finetune", settings, inputs, produce)
+
+
 def eval_stage(ctx: RunContext, cfg: ExperimentConfig) -> StageResult:
     """Stage ``eval``: the full evaluation suite of the run's model (see :mod:`brittle.evaluation.suite`)."""
     from .evaluation.report import summary_markdown
@@ -250,6 +336,8 @@ def run_experiment(cfg: ExperimentConfig, ctx: RunContext) -> dict[str, StageRes
             groups_stage(ctx, cfg)
         elif stage == "ablation":
             ablation_stage(ctx, cfg)
+        elif stage == "finetune":
+            finetune_stage(ctx, cfg)
         elif stage == "eval":
             eval_stage(ctx, cfg)
     reused = sum(r.reused for r in ctx.results.values())

@@ -23,6 +23,21 @@ def _ci(r: Mapping[str, Any] | None) -> str:
     return "—" if not r else f"[{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}]"
 
 
+def headline(summary: Mapping[str, Any]) -> dict[str, Any]:
+    """The figures a sweep row or a before/after comparison shows, from an evaluation summary: ASR (vanilla, no
+    system prompt; primary judge, with its Wilson 95 % interval, and keyword-wei), degenerate share, refusal
+    rate on the harmful prompts, over-refusal, perplexity of the reference answers, mean zero-shot accuracy."""
+    asr = summary["asr"]["vanilla_nosys"]
+    wei = summary["by_judge"].get("keyword-wei", {}).get("asr", {}).get("vanilla_nosys", {})
+    return {
+        "asr_wei": wei.get("value"), "asr": asr["value"], "asr_ci95_low": asr["ci95"][0],
+        "asr_ci95_high": asr["ci95"][1], "degenerate": summary["degenerate"]["vanilla_nosys"],
+        "refusal": summary["refusal_harmful"], "over_refusal": summary["over_refusal"],
+        "degenerate_benign": summary.get("degenerate_benign"), "perplexity": summary["perplexity"],
+        "accuracy_mean": (summary["accuracy"] or {}).get("mean"), "n_harmful": asr["n"],
+    }
+
+
 def summary_rows(s: Mapping[str, Any]) -> list[tuple[str, str, str, str, str]]:
     """``(metric, value, ci95, n, degenerate share)`` rows of one summary, primary judge first."""
     rows: list[tuple[str, str, str, str, str]] = []

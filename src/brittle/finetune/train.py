@@ -35,9 +35,9 @@ import torch
 from pydantic import Field
 from tqdm.auto import tqdm
 
-from .data.core import Example, encode, pad_batch
-from .io import BrittleError, FrozenConfig, sha256_json
-from .models import decoder_layers, linear_modules
+from ..data.core import Example, encode, pad_batch
+from ..io import BrittleError, FrozenConfig, sha256_json
+from ..models import decoder_layers, linear_modules
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ def train_lora(
     else:
         peft_model = make_lora_model(model, cfg)
     if freeze is not None:
-        from .freeze import Freezer, _lora_layers, check_freeze
+        from ..freeze import Freezer, _lora_layers, check_freeze
 
         if freeze_mode == "weights" and cfg.dropout > 0:
             raise BrittleError("freeze mode 'weights' needs LoRA dropout 0 (the masked update is exact only then)")
