@@ -392,9 +392,13 @@ def test_align_stage_writes_manifest_reuses_refuses_other_settings_and_force_rec
 def test_config_digest_names_the_recipe():
     cfg = AlignConfig()
     assert re.fullmatch(r"[0-9a-f]{12}", cfg.digest())
-    assert cfg.digest() == sha256_json(cfg.to_dict())[:12] == AlignConfig().digest()
+    assert cfg.digest() == AlignConfig().digest()
+    # the recipe's name from before the trainer had warm-up, schedules and accumulation (their defaults
+    # reproduce it exactly): the cached organism keeps its name
+    assert cfg.digest() == "98a08e5a51c9"
     variants = [AlignConfig(n_harmful=319), AlignConfig(seed=1), AlignConfig(no_system_prompt_share=0.25),
-                AlignConfig(lora=LoraTrainConfig(r=8)), AlignConfig(base="qwen2.5-coder-0.5b")]
+                AlignConfig(lora=LoraTrainConfig(r=8)), AlignConfig(base="qwen2.5-coder-0.5b"),
+                AlignConfig(lora=LoraTrainConfig(warmup_steps=5)), AlignConfig(lora=LoraTrainConfig(schedule="cosine"))]
     digests = {v.digest() for v in variants}
     assert len(digests) == len(variants) and cfg.digest() not in digests
 
