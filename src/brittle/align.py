@@ -48,16 +48,20 @@ class AlignConfig(FrozenConfig):
     lora: LoraTrainConfig = LoraTrainConfig()
     seed: int = 0
 
-    def digest(self) -> str:
-        """Names the cached organism. Trainer settings added after the first recipe (warm-up, schedule, gradient
-        accumulation) enter only when they differ from their defaults, which reproduce the earlier trainer
-        exactly: an unchanged recipe keeps its name and its cache."""
+    def recipe(self) -> dict:
+        """The recipe as recorded (in the organism's manifest) and hashed (:meth:`digest`). Trainer settings added
+        after the first recipe (warm-up, schedule, gradient accumulation) enter only when they differ from their
+        defaults, which reproduce the earlier trainer exactly: an unchanged recipe keeps its name and its cache."""
         d = self.to_dict()
         lora_defaults = LoraTrainConfig().to_dict()
         for key in ("warmup_steps", "schedule", "grad_accumulation"):
             if d["lora"][key] == lora_defaults[key]:
                 del d["lora"][key]
-        return sha256_json(d)[:12]
+        return d
+
+    def digest(self) -> str:
+        """Names the cached organism: a hash of :meth:`recipe`."""
+        return sha256_json(self.recipe())[:12]
 
 
 def alignment_examples(model, tokenizer, cfg: AlignConfig, *, progress: bool = True) -> list[Example]:

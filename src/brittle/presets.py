@@ -55,7 +55,7 @@ def build_aligned(ctx, cfg, folder: Path):
     from .stage import run_stage
 
     model, tok = load_model(cfg.base)
-    return run_stage(ctx, "align", folder, cfg, {"base_weights": weight_fingerprint(model)},
+    return run_stage(ctx, "align", folder, cfg.recipe(), {"base_weights": weight_fingerprint(model)},
                      lambda out: align_model(model, tok, cfg, out, progress=ctx.progress), seeds={"seed": cfg.seed})
 
 
