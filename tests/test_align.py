@@ -336,7 +336,7 @@ def test_align_stage_writes_manifest_reuses_refuses_other_settings_and_force_rec
     man = json.loads((folder / "manifest.json").read_text())
     assert man["stage"] == "align" and man["seeds"] == {"seed": 0}
     assert {"versions", "git_commit", "argv", "seconds"} <= set(man)
-    assert man["config"] == json.loads(json.dumps(cfg0.to_dict()))
+    assert man["config"] == json.loads(json.dumps(cfg0.recipe()))
     assert man["inputs"] == {"base_weights": base_fp}
     assert man["outputs"] == first.outputs
     data = load_file(folder / "alignment_data.jsonl", require_response=True)
@@ -423,7 +423,7 @@ def test_safe_organism_builds_once_under_the_cache_and_rebuilds_a_stale_cache(
     assert (path / "config.json").is_file() and not path.with_name(path.name + ".partial").exists()
     man = json.loads((path / "manifest.json").read_text())
     assert man["stage"] == "align" and man["config"]["base"] == "tiny-base"
-    assert man["config"] == json.loads(json.dumps(cfg.to_dict()))
+    assert man["config"] == json.loads(json.dumps(cfg.recipe()))
     assert man["inputs"] == {"base_weights": weight_fingerprint(load_model(base_dir)[0])}
     assert man["outputs"]["counts"]["harmful_refusal"] == 4
     assert man["outputs"]["model_weights"] == weight_fingerprint(load_model(str(path))[0])
@@ -476,7 +476,7 @@ def test_default_safe_preset_resolves_to_its_digest_directory(tiny_dir, cache, m
     assert safe_organism() == target and target.parent == cache / "models"
     assert built == [(AlignConfig(), partial)] and loaded == ["smollm2-135m"]
     man = json.loads((target / "manifest.json").read_text())
-    assert man["config"] == json.loads(json.dumps(AlignConfig().to_dict()))
+    assert man["config"] == json.loads(json.dumps(AlignConfig().recipe()))
     assert man["inputs"] == {"base_weights": weight_fingerprint(tiny[0])}
 
     monkeypatch.setattr(A, "align_model", lambda *a, **kw: pytest.fail("the cached preset was rebuilt"))
