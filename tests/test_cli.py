@@ -43,7 +43,7 @@ def _commands():
 
 # options that are not config keys (run-directory, control flags and parsing aids), with their defaults
 NOT_CONFIG = {"out": None, "force": False, "set_": None, "print_config": False, "evaluate": True, "threads": None,
-              "suffix_file": None, "model": None, "data": None, "config": None}
+              "suffix_file": None, "model": None, "data": None, "config": None, "levels": "total,type"}
 
 
 def test_cli_options_default_to_not_given_and_show_the_config_default():

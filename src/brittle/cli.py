@@ -369,6 +369,39 @@ def finetune_cmd(
                + (f", drift {ft.folder / 'drift' / 'drift.parquet'}" if (ft.folder / "drift").is_dir() else "") + ")")
 
 
+@app.command("overlap")
+@user_errors
+def overlap_cmd(
+    a: Annotated[Path, typer.Argument(help="Group file A (e.g. the original model's set_difference.safetensors).")],
+    b: Annotated[Path, typer.Argument(help="Group file B of the same model's modules (e.g. after fine-tuning).")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write the whole table (every level) to this .csv, and a .md beside it.")] = None,
+    levels: Annotated[str, typer.Option(help="Levels printed: comma-separated total,type,layer,module.")] = "total,type",
+    force: ForceOpt = False,
+) -> None:
+    """Overlap of two groups (|A&B|/|A|, |A&B|/|B|, Jaccard) overall, per module type, layer and module, each
+    against the chance level of random sets of the same sizes per module (hypergeometric)."""
+    from .analysis import LEVELS, overlap, overlap_markdown
+    from .groups import load_group
+    from .io import ExistsError, write_text
+
+    chosen = tuple(x.strip() for x in levels.split(",") if x.strip())
+    bad = [x for x in chosen if x not in LEVELS]
+    if bad:
+        raise BrittleError(f"--levels: unknown level(s) {', '.join(bad)} (choose from {', '.join(LEVELS)})")
+    table = overlap(load_group(a)[0], load_group(b)[0])
+    names = (a.stem, b.stem) if a.stem != b.stem else ("A", "B")
+    text = overlap_markdown(table, names=names, levels=chosen)
+    typer.echo(f"A = {a}\nB = {b}\n\n{text}")
+    if out is not None:
+        md = out.with_suffix(".md")
+        for path in (out, md):
+            if path.exists() and not force:
+                raise ExistsError(f"{path} already exists; pass --force to overwrite it")
+        write_text(out, table.to_csv(index=False))
+        write_text(md, f"A = `{a}`, B = `{b}`\n\n" + overlap_markdown(table, names=names, levels=LEVELS))
+        typer.echo(f"table: {out} (and {md.name})")
+
+
 @app.command("eval")
 @user_errors
 def eval_cmd(

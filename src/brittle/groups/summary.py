@@ -30,8 +30,11 @@ def group_summary(groups: Mapping[str, Mapping[str, torch.Tensor]],
     ``type`` or ``total``; columns ``module, layer, type, numel``, then for every group ``g`` the count
     ``g`` and ``g_share = g / numel`` (for the set difference this is the actual fraction selected, which
     is smaller than q). If both groups named in ``overlap`` are present: ``intersection``, ``union`` and
-    ``jaccard = intersection / union`` of those two (NaN when both are empty). All groups must cover the
-    same modules with the same shapes.
+    ``jaccard = intersection / union`` of those two (NaN when both are empty), and the chance level of the
+    intersection: ``chance_intersection`` and ``chance_variance``, the mean and variance of the intersection of
+    two sets drawn uniformly at random with the same sizes in each module (hypergeometric per module,
+    ``E = a b / N``, ``Var = a b (N - a)(N - b) / (N^2 (N - 1))``, summed over the modules of a layer, type or
+    the total: independent draws per module). All groups must cover the same modules with the same shapes.
     """
     import pandas as pd
 
@@ -52,9 +55,12 @@ def group_summary(groups: Mapping[str, Mapping[str, torch.Tensor]],
             a, b = groups[pair[0]][mod], groups[pair[1]][mod].to(groups[pair[0]][mod].device)
             row["intersection"] = int((a & b).sum())
             row["union"] = int((a | b).sum())
+            n, ka, kb = mask.numel(), int(a.sum()), int(b.sum())
+            row["chance_intersection"] = ka * kb / n
+            row["chance_variance"] = ka * kb * (n - ka) * (n - kb) / (n * n * (n - 1)) if n > 1 else 0.0
         rows.append(row)
     df = pd.DataFrame(rows)
-    counts = ["numel", *names] + (["intersection", "union"] if pair else [])
+    counts = ["numel", *names] + (["intersection", "union", "chance_intersection", "chance_variance"] if pair else [])
     parts = [df]
     if df["layer"].notna().any():
         by_layer = df[df["layer"].notna()].groupby("layer", sort=True)[counts].sum().reset_index()
@@ -67,7 +73,7 @@ def group_summary(groups: Mapping[str, Mapping[str, torch.Tensor]],
     by_type.insert(1, "module", [f"*.{t}" for t in by_type["type"]])
     by_type.insert(2, "layer", None)
     parts.append(by_type)
-    total = {"level": "total", "module": "all", "layer": None, "type": "*", **{c: int(df[c].sum()) for c in counts}}
+    total = {"level": "total", "module": "all", "layer": None, "type": "*", **{c: df[c].sum() for c in counts}}
     parts.append(pd.DataFrame([total]))
     out = pd.concat(parts, ignore_index=True)
     out["layer"] = out["layer"].astype("Int64")
@@ -79,7 +85,7 @@ def group_summary(groups: Mapping[str, Mapping[str, torch.Tensor]],
     for g in names:
         cols += [g, f"{g}_share"]
     if pair:
-        cols += ["intersection", "union", "jaccard"]
+        cols += ["intersection", "union", "jaccard", "chance_intersection", "chance_variance"]
     return out[cols]
 
 
