@@ -1,0 +1,175 @@
+"""Experiment 2: do safety-critical weights drift more than random ones? Comparisons and verdicts.
+
+Data: the final per-entry drift of each tracked group (``finetune/drift/final/<group>.safetensors``, see
+:mod:`brittle.drift`), restricted to modules the fine-tuning could change. Metrics per entry:
+
+* ``abs``: ``|Delta|``;
+* ``rel``: ``|Delta| / |w0|`` over entries with ``|w0| >= 1e-6`` (the others are left out and counted).
+
+A *comparison* is one group (``set_difference``, ``top_safety``) against one control (``random_magnitude``,
+``random``, ``top_utility``) for one metric, over all module types pooled and per module type. Groups of
+millions of entries are subsampled deterministically (a seeded permutation; at most ``max_n`` per side; the
+report states n). For each comparison (:func:`compare`):
+
+* difference of medians and of means (group - control), Cliff's delta ``P(X > Y) - P(X < Y)`` (from the
+  Mann-Whitney U statistic: ``2 U / (n_x n_y) - 1``) and Cohen's d (pooled standard deviation), each with a
+  95 % percentile-bootstrap interval (``n_boot`` resamples of both sides, seeded);
+* the two-sided Mann-Whitney U test p-value (no normality assumed: drift is skewed and zero-inflated), with
+  the Benjamini-Hochberg correction over all comparisons of a run (``scipy.stats.false_discovery_control``).
+
+Verdicts (:func:`verdict`), written down before looking at data, on the primary comparison (``set_difference``
+vs ``random_magnitude``, metric ``abs``, all module types pooled), with ``MARGIN = 0.147`` (the conventional
+bound of a "negligible" Cliff's delta, Romano et al. 2006) and ``ALPHA = 0.05``:
+
+* **H1** (fragile safety: safety-critical weights drift more): adjusted p < ALPHA, the 95 % interval of Cliff's
+  delta above 0, and its point estimate >= MARGIN;
+* **H2** (pathway creation: no meaningful difference): the 95 % interval of Cliff's delta inside
+  (-MARGIN, +MARGIN);
+* **inconclusive**: neither (including a significant effect in the other direction, which the report names).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+MARGIN = 0.147
+ALPHA = 0.05
+REL_THRESHOLD = 1e-6
+PRIMARY = ("set_difference", "random_magnitude", "abs")
+METRICS = ("abs", "rel")
+
+
+@dataclass(frozen=True)
+class GroupDrift:
+    """One group's final drift: per module, ``delta`` and ``w0`` of its entries (float32, flat order)."""
+
+    delta: Mapping[str, torch.Tensor]
+    w0: Mapping[str, torch.Tensor]
+
+    def values(self, metric: str, modules: Sequence[str]) -> np.ndarray:
+        """The metric's values over ``modules`` (float64), in module order."""
+        parts = []
+        for m in modules:
+            d = self.delta[m].double().abs()
+            if metric == "abs":
+                parts.append(d)
+            elif metric == "rel":
+                w = self.w0[m].double().abs()
+                keep = w >= REL_THRESHOLD
+                parts.append(d[keep] / w[keep])
+            else:
+                raise ValueError(f"unknown metric '{metric}' (known: {', '.join(METRICS)})")
+        return torch.cat(parts).numpy() if parts else np.zeros(0)
+
+
+def load_group_drift(path: str | Path) -> GroupDrift:
+    """Read ``drift/final/<group>.safetensors`` (written by :meth:`brittle.drift.DriftTracker.save`)."""
+    from safetensors.torch import load_file
+
+    t = load_file(str(path))
+    mods = sorted({k.rsplit(".", 1)[0] for k in t})
+    return GroupDrift({m: t[f"{m}.delta"] for m in mods}, {m: t[f"{m}.w0"] for m in mods})
+
+
+def subsample(x: np.ndarray, max_n: int, seed: int) -> np.ndarray:
+    """At most ``max_n`` values of ``x``, chosen by a seeded permutation (all of them, in order, if fewer)."""
+    if len(x) <= max_n:
+        return x
+    return x[np.random.default_rng(seed).permutation(len(x))[:max_n]]
+
+
+def cliffs_delta(x: np.ndarray, y: np.ndarray) -> float:
+    """``P(X > Y) - P(X < Y)`` over all pairs, from the Mann-Whitney U statistic (ties count half)."""
+    from scipy.stats import mannwhitneyu
+
+    if len(x) == 0 or len(y) == 0:
+        return float("nan")
+    u = mannwhitneyu(x, y, alternative="two-sided").statistic
+    return float(2 * u / (len(x) * len(y)) - 1)
+
+
+def cohens_d(x: np.ndarray, y: np.ndarray) -> float:
+    """``(mean x - mean y) / pooled sd`` (NaN when the pooled sd is 0)."""
+    nx, ny = len(x), len(y)
+    if nx < 2 or ny < 2:
+        return float("nan")
+    pooled = np.sqrt(((nx - 1) * x.var(ddof=1) + (ny - 1) * y.var(ddof=1)) / (nx + ny - 2))
+    return float((x.mean() - y.mean()) / pooled) if pooled > 0 else float("nan")
+
+
+def _effects(x: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    return {"median_diff": float(np.median(x) - np.median(y)), "mean_diff": float(x.mean() - y.mean()),
+            "cliffs_delta": cliffs_delta(x, y), "cohens_d": cohens_d(x, y)}
+
+
+def compare(x: np.ndarray, y: np.ndarray, *, n_boot: int = 1000, seed: int = 0) -> dict[str, float]:
+    """Effect sizes of ``x`` (group) against ``y`` (control), their 95 % bootstrap intervals and the Mann-Whitney
+    p-value (see the module docstring); ``x`` and ``y`` are already subsampled."""
+    from scipy.stats import mannwhitneyu
+
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    out: dict[str, float] = {"n_group": len(x), "n_control": len(y), "median_group": float(np.median(x)),
+                             "median_control": float(np.median(y)), **_effects(x, y)}
+    out["p_value"] = float(mannwhitneyu(x, y, alternative="two-sided").pvalue)
+    rng = np.random.default_rng(seed)
+    boots = {k: np.empty(n_boot) for k in ("median_diff", "mean_diff", "cliffs_delta", "cohens_d")}
+    for i in range(n_boot):
+        e = _effects(x[rng.integers(0, len(x), len(x))], y[rng.integers(0, len(y), len(y))])
+        for k in boots:
+            boots[k][i] = e[k]
+    for k, v in boots.items():
+        lo, hi = np.nanpercentile(v, [2.5, 97.5])
+        out[f"{k}_ci_low"], out[f"{k}_ci_high"] = float(lo), float(hi)
+    return out
+
+
+def compare_groups(groups: Mapping[str, GroupDrift], modules: Sequence[str], *,
+                   pairs: Sequence[tuple[str, str]] = (("set_difference", "random_magnitude"),
+                                                       ("set_difference", "random"), ("set_difference", "top_utility"),
+                                                       ("top_safety", "random_magnitude"), ("top_safety", "random")),
+                   metrics: Sequence[str] = METRICS, max_n: int = 20000, n_boot: int = 1000, seed: int = 0):
+    """Every (group, control, metric) comparison over ``modules`` (the modules the fine-tuning could change),
+    pooled (``type = "all"``) and per module type; pairs whose groups are missing are skipped. Returns a pandas
+    DataFrame with :func:`compare`'s columns plus ``group, control, metric, type`` and ``p_adjusted``
+    (Benjamini-Hochberg over all rows)."""
+    import pandas as pd
+    from scipy.stats import false_discovery_control
+
+    types = sorted({m.split(".", 2)[2] if m.count(".") >= 2 else m for m in modules})
+    strata = [("all", list(modules))] + [(t, [m for m in modules if m.endswith(f".{t}")]) for t in types]
+    rows = []
+    for g, c in pairs:
+        if g not in groups or c not in groups:
+            continue
+        for metric in metrics:
+            for k, (stratum, mods) in enumerate(strata):
+                mods = [m for m in mods if m in groups[g].delta and m in groups[c].delta]
+                x = subsample(groups[g].values(metric, mods), max_n, seed + 1)
+                y = subsample(groups[c].values(metric, mods), max_n, seed + 2)
+                if len(x) < 2 or len(y) < 2:
+                    continue
+                rows.append({"group": g, "control": c, "metric": metric, "type": stratum,
+                             **compare(x, y, n_boot=n_boot, seed=seed + k)})
+    table = pd.DataFrame(rows)
+    if len(table):
+        table["p_adjusted"] = false_discovery_control(table["p_value"].clip(lower=1e-300), method="bh")
+    return table
+
+
+def verdict(row: Mapping[str, float], *, margin: float = MARGIN, alpha: float = ALPHA) -> tuple[str, str]:
+    """``(verdict, reason)`` for one comparison row (see the module docstring for the rules)."""
+    d, lo, hi = row["cliffs_delta"], row["cliffs_delta_ci_low"], row["cliffs_delta_ci_high"]
+    p = row.get("p_adjusted", row["p_value"])
+    ci = f"Cliff's delta {d:+.3f} [{lo:+.3f}, {hi:+.3f}], adjusted p {p:.2g}"
+    if p < alpha and lo > 0 and d >= margin:
+        return "H1", f"{ci}: significant and at least {margin} (H1: safety-critical weights drift more)"
+    if -margin < lo and hi < margin:
+        return "H2", f"{ci}: the interval lies inside +/-{margin} (H2: no meaningful difference)"
+    note = " (a significant effect in the other direction: the group drifts less)" if p < alpha and hi < 0 else ""
+    return "inconclusive", f"{ci}: neither H1 (p < {alpha}, interval above 0, delta >= {margin}) nor H2 " \
+                           f"(interval inside +/-{margin}){note}"
