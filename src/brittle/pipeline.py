@@ -131,6 +131,10 @@ def scores_stage(ctx: RunContext, cfg: ExperimentConfig, set_name: str) -> Stage
         examples = sample(load_file(data.path(set_name), require_response=True), sc.nsamples, cfg.seed)
         stats: dict[str, Any] = {}
         cap = None if sc.max_accumulator_gb is None else int(sc.max_accumulator_gb * 2**30)
+        plan = scoring_memory_plan(model, cfg)
+        ctx.log(f"[scores] {plan.describe()}")
+        if cap is None and plan.placement == "passes":
+            cap = plan.max_accumulator_bytes
         scores = compute_scores(model, tok, examples, sc.method, batch_size=sc.batch_size, max_length=sc.max_length,
                                 progress=ctx.progress, max_accumulator_bytes=cap, stats=stats)
         meta = score_metadata(model, examples, sc.method, seed=cfg.seed, max_length=sc.max_length, stats=stats,
@@ -145,6 +149,28 @@ def scores_stage(ctx: RunContext, cfg: ExperimentConfig, set_name: str) -> Stage
     result = run_stage(ctx, f"scores:{set_name}", ctx.out / "scores" / f"{set_name}-{sc.method}", settings, inputs,
                        produce)
     return result
+
+
+def scoring_memory_plan(model, cfg: ExperimentConfig):
+    """The memory plan of the scores stage on the device of the model's first linear weight (its total memory on
+    CUDA; on the CPU the machine's RAM)."""
+    import os
+
+    import torch
+
+    from .memory import ModelShape, estimate_scoring, plan_scoring
+    from .models import linear_modules, linear_weight
+    from .scoring.kernels import fused_available
+
+    sc = cfg.scores
+    shape = ModelShape.of_model(model)
+    w = linear_weight(next(iter(linear_modules(model).values())))
+    probe = torch.empty(0, device=w.device, dtype=w.dtype)
+    est = estimate_scoring(shape, dtype=cfg.dtype, method=sc.method, batch_size=sc.batch_size, max_length=sc.max_length,
+                           fused=fused_available(probe.float(), probe, probe))
+    total = (torch.cuda.get_device_properties(w.device).total_memory if w.device.type == "cuda"
+             else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    return plan_scoring(est, total, shape.accumulator_bytes(sc.method))
 
 
 def _score_file(ctx: RunContext, given: Path | None, set_name: str) -> tuple[Path, str]:

@@ -120,28 +120,32 @@ def _acc_numel(module: nn.Module, method: ScoreMethod) -> int:
     return math.prod(method.accumulator_shape(tuple(linear_weight(module).shape)))
 
 
-def plan_passes(mods: dict[str, nn.Module], method: str | ScoreMethod,
-                max_accumulator_bytes: int | None) -> list[list[str]]:
-    """Split the modules (in order) into passes whose fp32 accumulators fit ``max_accumulator_bytes``.
-
-    A single module larger than the cap gets a pass of its own.
-    """
-    names = list(mods)
-    if max_accumulator_bytes is None:
-        return [names]
-    if max_accumulator_bytes <= 0:
-        raise BrittleError(f"max_accumulator_bytes must be positive, got {max_accumulator_bytes}")
-    method = get_method(method)
-    passes: list[list[str]] = [[]]
+def pack_passes(sizes: Sequence[int], max_bytes: int | None) -> list[list[int]]:
+    """Indices of ``sizes`` (accumulator bytes, in module order) split greedily into passes of at most
+    ``max_bytes``; a single size above the cap gets a pass of its own."""
+    if max_bytes is None:
+        return [list(range(len(sizes)))]
+    if max_bytes <= 0:
+        raise BrittleError(f"max_accumulator_bytes must be positive, got {max_bytes}")
+    passes: list[list[int]] = [[]]
     used = 0
-    for n in names:
-        b = 4 * _acc_numel(mods[n], method)
-        if passes[-1] and used + b > max_accumulator_bytes:
+    for i, b in enumerate(sizes):
+        if passes[-1] and used + b > max_bytes:
             passes.append([])
             used = 0
-        passes[-1].append(n)
+        passes[-1].append(i)
         used += b
     return passes
+
+
+def plan_passes(mods: dict[str, nn.Module], method: str | ScoreMethod,
+                max_accumulator_bytes: int | None) -> list[list[str]]:
+    """Split the modules (in order) into passes whose fp32 accumulators fit ``max_accumulator_bytes``
+    (:func:`pack_passes`)."""
+    names = list(mods)
+    method = get_method(method)
+    packed = pack_passes([4 * _acc_numel(mods[n], method) for n in names], max_accumulator_bytes)
+    return [[names[i] for i in p] for p in packed]
 
 
 # --------------------------------------------------------------------------------------------------
