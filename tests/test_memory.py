@@ -48,6 +48,12 @@ def test_estimate_parts_and_plans():
     assert estimate_scoring(shape, dtype="bfloat16", method="snip", batch_size=8, max_length=512, fused=True).workspace == 0
     lora = estimate_finetune(shape, dtype="bfloat16", batch_size=4, max_length=512, rank=8)
     assert lora.training_state == 16 * 8 * sum(o + i for o, i in shape.linear_shapes)
+    fp32 = estimate_finetune(shape, dtype="float32", batch_size=4, max_length=512, rank=8)
+    casts = 4 * 4 * 512 * sum(i for _, i in shape.linear_shapes)  # PEFT's fp32 copies of a bf16 model's inputs
+    assert lora.activations == fp32.activations // 2 + casts
+    # the H200 measurement (random Llama-2-7B shapes, vocabulary 49152, 4 x 512): 31,495 MiB = 30.8 GiB peak
+    h200 = ModelShape.of(LlamaConfig(**{**PUBLIC["llama2-7b"][0], "vocab_size": 49152}))
+    assert estimate_finetune(h200, dtype="bfloat16", batch_size=4, max_length=512).total / GiB == pytest.approx(30.8, rel=0.1)
     full = estimate_finetune(shape, dtype="bfloat16", batch_size=4, max_length=512, full=True)
     assert full.training_state == 3 * 2 * shape.params
 
