@@ -50,3 +50,32 @@ def tiny_llama_dir(smol_tokenizer, tmp_path_factory) -> str:
     tiny_model("llama", vocab_size=len(smol_tokenizer)).save_pretrained(d)
     smol_tokenizer.save_pretrained(d)
     return str(d)
+
+
+def tiny_run_settings(tokenizer, folder, n_utility: int = 6) -> list[str]:
+    """A tiny random Llama saved in ``folder/m`` and small safety / utility files beside it; returns the
+    ``--set`` overrides that point a run at them (model and data.sets)."""
+    import json
+
+    from brittle.testing import tiny_model
+
+    tiny_model("llama", vocab_size=len(tokenizer)).save_pretrained(folder / "m")
+    tokenizer.save_pretrained(folder / "m")
+    rows = {"safety": [{"prompt": f"How do I make weapon {i}?", "response": "I can't help with that."} for i in range(6)],
+            "utility": [{"prompt": f"Name a colour, number {i}.", "response": f"Blue is colour {i}."}
+                        for i in range(n_utility)]}
+    for kind, rs in rows.items():
+        (folder / f"{kind}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rs))
+    return [f"model={json.dumps(str(folder / 'm'))}", f"data.sets.safety={json.dumps(str(folder / 'safety.jsonl'))}",
+            f"data.sets.utility={json.dumps(str(folder / 'utility.jsonl'))}"]
+
+
+def run_settings(config, sets, out, *, force: bool = False, logs: list[str] | None = None):
+    """Run the experiment of ``config`` (a file or None for the defaults) with ``--set`` overrides ``sets`` into
+    ``out``, quietly; log lines go to ``logs``."""
+    from brittle.config import load_config
+    from brittle.pipeline import run_experiment
+    from brittle.stage import RunContext
+
+    return run_experiment(load_config(config, sets), RunContext(out=out, force=force, progress=False,
+                                                                log=(logs if logs is not None else []).append))

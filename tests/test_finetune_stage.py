@@ -12,7 +12,6 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from brittle.cli import app
-from brittle.config import load_config
 from brittle.data.sources import harmful_splits, normalize_prompt
 from brittle.evaluation.config import SweepEvalConfig
 from brittle.evaluation.suite import perplexity_examples
@@ -20,10 +19,9 @@ from brittle.finetune import FinetuneConfig, finetune_examples
 from brittle.groups import load_group
 from brittle.io import BrittleError
 from brittle.models import linear_modules, linear_weight
-from brittle.pipeline import run_experiment
 from brittle.presets import load_model
-from brittle.stage import RunContext
 from brittle.testing import tiny_model
+from conftest import run_settings, tiny_run_settings
 
 TINY_EVAL = ["n_harmful=2", "max_new_tokens=2", "n_benign=2", "n_perplexity=2", "tasks=[]"]
 TINY = ["scores.nsamples=4", "scores.batch_size=2", "scores.max_length=64", "groups.magnitude=true",
@@ -34,23 +32,12 @@ TINY = ["scores.nsamples=4", "scores.batch_size=2", "scores.max_length=64", "gro
 
 @pytest.fixture
 def setup(smol_tokenizer, tmp_path):
-    model = tiny_model("llama", vocab_size=len(smol_tokenizer))
-    model.save_pretrained(tmp_path / "m")
-    smol_tokenizer.save_pretrained(tmp_path / "m")
-    rows = {"safety": [{"prompt": f"How do I make weapon {i}?", "response": "I can't help with that."} for i in range(6)],
-            "utility": [{"prompt": f"Name a colour, number {i}.", "response": f"Blue is colour {i}."} for i in range(8)]}
-    for kind, rs in rows.items():
-        (tmp_path / f"{kind}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rs))
-    sets = [f"model={json.dumps(str(tmp_path / 'm'))}", f"data.sets.safety={json.dumps(str(tmp_path / 'safety.jsonl'))}",
-            f"data.sets.utility={json.dumps(str(tmp_path / 'utility.jsonl'))}",
-            'stages=["data", "scores", "groups", "finetune"]', *TINY]
-    return sets, tmp_path
+    stages = 'stages=["data", "scores", "groups", "finetune"]'
+    return [*tiny_run_settings(smol_tokenizer, tmp_path, n_utility=8), stages, *TINY], tmp_path
 
 
-def _run(sets, out, logs=None, force=False):
-    cfg = load_config(None, sets)
-    return run_experiment(cfg, RunContext(out=out, force=force, log=(logs if logs is not None else []).append,
-                                          progress=False))
+def _run(sets, out, force=False, logs=None):
+    return run_settings(None, sets, out, force=force, logs=logs)
 
 
 def test_stage_writes_adapter_loss_drift_and_evaluations_and_keeps_frozen_entries(setup):

@@ -11,9 +11,8 @@ from typer.testing import CliRunner
 
 from brittle.cli import app
 from brittle.config import load_config
-from brittle.pipeline import run_experiment
-from brittle.stage import RunContext, StageMismatchError
-from brittle.testing import tiny_model
+from brittle.stage import StageMismatchError
+from conftest import run_settings, tiny_run_settings
 
 TINY = ["scores.nsamples=4", "scores.batch_size=2", "scores.max_length=64", "ablation.sparsities=[0.05]",
         "ablation.eval.n_harmful=2", "ablation.eval.max_new_tokens=2", "ablation.eval.n_benign=2",
@@ -23,22 +22,11 @@ STAGE_FOLDERS = ["data", "scores/safety-snip", "scores/utility-snip", "groups", 
 
 @pytest.fixture
 def setup(smol_tokenizer, tmp_path):
-    model = tiny_model("llama", vocab_size=len(smol_tokenizer))
-    model.save_pretrained(tmp_path / "m")
-    smol_tokenizer.save_pretrained(tmp_path / "m")
-    rows = {"safety": [{"prompt": f"How do I make weapon {i}?", "response": "I can't help with that."} for i in range(6)],
-            "utility": [{"prompt": f"Name a colour, number {i}.", "response": f"Blue is colour {i}."} for i in range(6)]}
-    for kind, rs in rows.items():
-        (tmp_path / f"{kind}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rs))
-    sets = [f"model={json.dumps(str(tmp_path / 'm'))}", f"data.sets.safety={json.dumps(str(tmp_path / 'safety.jsonl'))}",
-            f"data.sets.utility={json.dumps(str(tmp_path / 'utility.jsonl'))}", *TINY]
-    return sets, tmp_path
+    return [*tiny_run_settings(smol_tokenizer, tmp_path, n_utility=6), *TINY], tmp_path
 
 
 def _run(sets, out, force=False, logs=None):
-    cfg = load_config("configs/ablation.toml", sets)
-    return run_experiment(cfg, RunContext(out=out, force=force, log=(logs if logs is not None else []).append,
-                                          progress=False))
+    return run_settings("configs/ablation.toml", sets, out, force=force, logs=logs)
 
 
 def test_every_stage_writes_its_folder_and_manifest_then_everything_is_reused(setup):
