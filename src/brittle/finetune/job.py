@@ -146,7 +146,10 @@ def save_loss_curve(hist: TrainHistory, folder: Path, title: str) -> dict[str, s
 
     pd.DataFrame({"step": hist.steps, "loss": hist.loss, "lr": hist.lr}).to_csv(folder / "loss.csv", index=False)
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(hist.steps, hist.loss, lw=1.2)
+    loss = pd.Series(hist.loss, index=hist.steps)
+    ax.plot(loss.index, loss.values, lw=0.8, alpha=0.5, label="per step")
+    ax.plot(loss.index, loss.rolling(10, min_periods=1).mean().values, lw=1.8, label="mean of the last 10 steps")
+    ax.legend(fontsize=8)
     ax.set_xlabel("optimiser step")
     ax.set_ylabel("loss (nats per response token)")
     ax.set_title(title, fontsize=9)
@@ -209,7 +212,8 @@ def run_finetune(model, tokenizer, examples: Sequence[Example], cfg: FinetuneCon
     outputs["train"] = {"steps": steps, "seconds": round(hist.seconds, 1), "first_loss": hist.loss[0],
                         "final_loss": hist.loss[-1]}
     write_json(folder / "train_history.json", hist.to_dict())
-    title = f"fine-tuning on {cfg.data} ({len(examples)} examples)" + (f", {cfg.freeze} frozen" if freeze else "")
+    title = (f"fine-tuning on {Path(cfg.data).stem} ({len(examples)} examples)"
+             + (f", {Path(cfg.freeze).stem} frozen ({cfg.freeze_mode})" if freeze else ""))
     outputs["files"] = save_loss_curve(hist, folder, title)
     if tracker is not None:
         tracker.finish(steps, trained)
