@@ -100,6 +100,17 @@ def entry_stats(delta: torch.Tensor, w0: torch.Tensor, rows: torch.Tensor, rel_t
     return out
 
 
+def _dense_delta(layer) -> torch.Tensor:
+    """``D = sum over active adapters of s * B @ A`` of a LoRA layer, fp32 on the CPU, ``[d_out, d_in]``: one
+    product per module and record, cheaper than gathering ``B[i] . A[:, j]`` entry by entry for every group
+    (the groups share modules)."""
+    total = None
+    for a in layer.active_adapters:
+        d = layer.scaling[a] * (layer.lora_B[a].weight.float() @ layer.lora_A[a].weight.float())
+        total = d if total is None else total + d
+    return total.cpu()
+
+
 class DriftTracker:
     """Records the drift of tracked groups while :func:`brittle.finetune.train_lora` runs.
 
@@ -139,24 +150,25 @@ class DriftTracker:
         freezer = getattr(model, "brittle_freezer", None)
         frozen = freezer.group if freezer is not None and freezer.mode == "weights" else {}
         if getattr(model, "peft_config", None) is not None:
-            from .freeze import _lora_layers, _masked_delta_values
+            from .freeze import _lora_layers
 
             layers = _lora_layers(model)
-            out: dict[str, dict[str, torch.Tensor]] = {}
+            out: dict[str, dict[str, torch.Tensor]] = {g: {} for g in self.index}
+            modules = dict.fromkeys(m for idx in self.index.values() for m in idx)
             with torch.no_grad():
-                for g, idx in self.index.items():
-                    out[g] = {}
-                    for m, (rows, cols) in idx.items():
-                        if m not in layers:
+                for m in modules:  # the update of a module formed once (fp32, d_out x d_in), read by every group
+                    dense = _dense_delta(layers[m]) if m in layers else None
+                    for g, idx in self.index.items():
+                        if m not in idx:
+                            continue
+                        rows, cols = idx[m]
+                        if dense is None:
                             out[g][m] = torch.zeros(len(rows), dtype=torch.float32)
                             continue
-                        layer = layers[m]
-                        dev = next(iter(layer.lora_A.values())).weight.device
-                        d = sum(_masked_delta_values(layer, a, rows.to(dev), cols.to(dev)).float().cpu()
-                                for a in layer.active_adapters)
+                        d = dense[rows, cols]
                         if m in frozen:
                             d = d.masked_fill(frozen[m].cpu()[rows, cols], 0.0)
-                        out[g][m] = d.detach()
+                        out[g][m] = d
             return out, set(layers)
         mods = linear_modules(model)
         with torch.no_grad():
