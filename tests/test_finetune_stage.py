@@ -122,6 +122,8 @@ def test_bad_freeze_and_track_inputs_are_clear_errors_before_training(setup, smo
     other.save_pretrained(tmp_path / "other")
     smol_tokenizer.save_pretrained(tmp_path / "other")
     _run([*base, f"model={json.dumps(str(tmp_path / 'other'))}", 'stages=["data", "scores", "groups"]'], tmp_path / "o")
+    with pytest.raises(BrittleError, match="names 5 group files .* give one group"):
+        _run([*base, f"finetune.freeze={json.dumps(str(tmp_path / 'o' / 'groups'))}"], tmp_path / "d")
     with pytest.raises(BrittleError, match="selected on another model"):
         _run([*base, f"finetune.freeze={json.dumps(str(tmp_path / 'o' / 'groups' / 'top_safety.safetensors'))}"],
              tmp_path / "c")

@@ -84,7 +84,10 @@ class ModelShape:
 
 
 def dtype_bytes(dtype: str) -> int:
-    return {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
+    """Bytes per element of a dtype named as in the config (``float32``, ``bfloat16``, ``float16``)."""
+    import torch
+
+    return getattr(torch, dtype).itemsize
 
 
 @dataclass(frozen=True)

@@ -240,10 +240,17 @@ def ablation_stage(ctx: RunContext, cfg: ExperimentConfig) -> StageResult:
     return run_stage(ctx, "ablation", ctx.out / "ablation", settings, inputs, produce)
 
 
+def _run_group_files(groups: StageResult | None) -> dict[str, Path]:
+    """The standard group files of the run's groups stage (not the sweep groups), by group name."""
+    if groups is None:
+        return {}
+    return {k: groups.path(k) for k, v in groups.outputs.items()
+            if isinstance(v, dict) and str(v.get("file", "")).endswith(".safetensors")}
+
+
 def _group_files(specs: list[str], groups: StageResult | None, what: str) -> dict[str, Path]:
     """Group name -> file for names of the run's groups stage, group files and folders of them."""
-    named = {k: groups.path(k) for k, v in groups.outputs.items() if isinstance(v, dict) and
-             str(v.get("file", "")).endswith(".safetensors")} if groups is not None else {}
+    named = _run_group_files(groups)
     out: dict[str, Path] = {}
     for spec in specs:
         path = Path(spec)
@@ -289,11 +296,10 @@ def finetune_stage(ctx: RunContext, cfg: ExperimentConfig) -> StageResult:
     eval_cfg = cfg.eval_config(ft.eval)
     examples, data_record = finetune_examples(ft.data, ft.n_examples, cfg.seed, run_sets=run_sets, eval_config=eval_cfg)
     freeze_file = _group_files([ft.freeze], groups, "finetune.freeze") if ft.freeze else {}
-    if ft.track is None:
-        track_files = _group_files([k for k in (groups.outputs if groups else {}) if k not in ("sweep", "summary")],
-                                   groups, "finetune.track")
-    else:
-        track_files = _group_files(ft.track, groups, "finetune.track")
+    if len(freeze_file) > 1:
+        raise BrittleError(f"finetune.freeze: '{ft.freeze}' names {len(freeze_file)} group files "
+                           f"({', '.join(freeze_file)}); give one group")
+    track_files = _run_group_files(groups) if ft.track is None else _group_files(ft.track, groups, "finetune.track")
     freeze = {n: _load_run_group(p, fingerprint, "finetune.freeze") for n, p in freeze_file.items()}
     track = {n: _load_run_group(p, fingerprint, "finetune.track") for n, p in track_files.items()}
     if ft.full and ft.freeze_mode in ("weights", "rows") and freeze:

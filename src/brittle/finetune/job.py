@@ -221,6 +221,8 @@ def run_finetune(model, tokenizer, examples: Sequence[Example], cfg: FinetuneCon
     if not cfg.full:
         _save_adapter(trained, folder / "adapter", freeze, cfg.freeze_mode)
         outputs["files"]["adapter"] = "adapter"
+    if not (cfg.merge or cfg.full or cfg.evaluate):
+        return outputs
     merged = merge_lora(trained)
     if cfg.merge or cfg.full:
         merged.save_pretrained(folder / "merged")
