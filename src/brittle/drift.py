@@ -18,6 +18,9 @@ Per (step, group, module) :func:`drift_rows` reports, over the group's ``n`` ent
 * row ("neuron") level, for every output row ``i`` holding ``k_i >= 1`` of the group's entries ``J_i``:
   ``cosine(W_0[i, J_i], W_t[i, J_i])``, ``||Delta[i, J_i]||_2`` and ``||Delta[i, J_i]|| / ||W_0[i, J_i]||``,
   reported as the mean and median over those rows (``n_rows``);
+* over time, per group: ``|Delta|`` of a fixed seeded subsample of the group's entries (``n_sample``, default
+  20,000, drawn uniformly over all its entries) at every recorded step, so that each group's median and
+  interquartile band per step are exact for the subsample (module-level quantiles do not combine);
 * ``adapted``: whether the fine-tuning can change the module at all (a LoRA target, or full fine-tuning); a
   module it cannot change has ``Delta = 0`` by construction and is marked, so analyses can leave it out.
 """
@@ -35,27 +38,33 @@ from .models import linear_modules, linear_weight
 
 QUANTILES = (0.05, 0.25, 0.75, 0.95)
 REL_THRESHOLD = 1e-6  # |w0| below this: |Delta|/|w0| is not reported for the entry (counted in n_rel_excluded)
+N_SAMPLE = 20_000  # entries per group whose |Delta| is kept at every record (the over-time figures)
 
 
 def _stats(values: torch.Tensor, prefix: str) -> dict[str, float]:
-    """Mean, median (the lower middle value, as ``torch.median``), quantiles (linear interpolation, as
-    ``torch.quantile``) and max in float64, from one partial sort (``numpy.partition`` at the needed ranks:
-    O(n), which keeps tracking cheap on groups of millions of entries)."""
+    """Mean (accumulated in float64), median (the lower middle value, as ``torch.median``), quantiles (linear
+    interpolation, as ``torch.quantile``) and max of fp32 ``values``, from one partial sort (``numpy.partition``
+    at the needed ranks: O(n), which keeps tracking cheap on groups of millions of entries; fp32 values are
+    partitioned as they are, since order statistics are exact in any precision). All-zero values (step 0, a
+    frozen or unadapted module) skip the sort."""
     import numpy as np
 
     names = ("mean", "median", *[f"q{int(q * 100):02d}" for q in QUANTILES], "max")
     n = values.numel()
     if n == 0:
         return {f"{prefix}_{k}": float("nan") for k in names}
-    v = values.double().numpy()
+    v = values.float().numpy()
+    top = float(v.max())
+    if top == 0.0 and float(v.min()) == 0.0:
+        return {f"{prefix}_{k}": 0.0 for k in names}
     positions = [(n - 1) * q for q in QUANTILES]
-    ranks = sorted({(n - 1) // 2, n - 1, *(int(p) for p in positions), *(min(int(p) + 1, n - 1) for p in positions)})
+    ranks = sorted({(n - 1) // 2, *(int(p) for p in positions), *(min(int(p) + 1, n - 1) for p in positions)})
     part = np.partition(v, ranks)
-    out = {f"{prefix}_mean": float(v.mean()), f"{prefix}_median": float(part[(n - 1) // 2])}
+    out = {f"{prefix}_mean": float(v.mean(dtype=np.float64)), f"{prefix}_median": float(part[(n - 1) // 2])}
     for q, pos in zip(QUANTILES, positions, strict=True):
         lo, hi = int(pos), min(int(pos) + 1, n - 1)
-        out[f"{prefix}_q{int(q * 100):02d}"] = float(part[lo] + (part[hi] - part[lo]) * (pos - lo))
-    out[f"{prefix}_max"] = float(part[n - 1])
+        out[f"{prefix}_q{int(q * 100):02d}"] = float(part[lo]) + (float(part[hi]) - float(part[lo])) * (pos - lo)
+    out[f"{prefix}_max"] = top
     return out
 
 
@@ -67,7 +76,7 @@ def stats_context(w0: torch.Tensor, rows: torch.Tensor, rel_threshold: float = R
     keep = w.abs() >= rel_threshold
     uniq, inv = torch.unique(rows, return_inverse=True)
     n0sq = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inv, w * w)
-    return {"w": w, "keep": keep, "abs_w_kept": w.abs()[keep], "inv": inv, "n_rows": len(uniq), "n0sq": n0sq}
+    return {"w": w, "keep": keep, "abs_w_kept": w0.float().abs()[keep], "inv": inv, "n_rows": len(uniq), "n0sq": n0sq}
 
 
 def entry_stats(delta: torch.Tensor, w0: torch.Tensor, rows: torch.Tensor, rel_threshold: float = REL_THRESHOLD,
@@ -77,15 +86,16 @@ def entry_stats(delta: torch.Tensor, w0: torch.Tensor, rows: torch.Tensor, rel_t
     :func:`stats_context` of ``w0`` and ``rows`` when precomputed. Row level, per row ``i``:
     ``cos = (||w||^2 + w.d) / (||w|| ||w + d||)`` with ``||w + d||^2 = ||w||^2 + 2 w.d + ||d||^2``."""
     ctx = context if context is not None else stats_context(w0, rows, rel_threshold)
+    absd = delta.float().abs()
     d = delta.double()
-    absd = d.abs()
     out: dict[str, float] = {"n": int(d.numel()), "n_rel_excluded": int((~ctx["keep"]).sum())}
     out.update(_stats(absd, "abs"))
-    out.update(_stats(absd[ctx["keep"]] / ctx["abs_w_kept"], "rel"))
+    out.update(_stats(absd[ctx["keep"]] / ctx["abs_w_kept"], "rel"))  # fp32: 1 ulp relative, as Delta itself
     if d.numel():
         zeros = torch.zeros(ctx["n_rows"], dtype=torch.float64)
-        wd = zeros.index_add(0, ctx["inv"], ctx["w"] * d)
-        dd = zeros.index_add(0, ctx["inv"], d * d)
+        moved = out["abs_max"] > 0  # all-zero Delta (step 0, frozen, not adapted): nothing to add up
+        wd = zeros.index_add(0, ctx["inv"], ctx["w"] * d) if moved else zeros
+        dd = zeros.index_add(0, ctx["inv"], d * d) if moved else zeros
         n0sq = ctx["n0sq"]
         n0, nt, nd = n0sq.sqrt(), (n0sq + 2 * wd + dd).clamp_min(0).sqrt(), dd.sqrt()
         cos = (n0sq + wd) / (n0 * nt).clamp_min(1e-300)
@@ -120,10 +130,10 @@ class DriftTracker:
     """
 
     def __init__(self, model, groups: Mapping[str, Mapping[str, torch.Tensor]], *, every: int,
-                 rel_threshold: float = REL_THRESHOLD):
+                 rel_threshold: float = REL_THRESHOLD, n_sample: int = N_SAMPLE, seed: int = 0):
         if every < 1:
             raise ValueError(f"drift must be recorded every N >= 1 steps, got {every}")
-        self.every, self.rel_threshold = every, rel_threshold
+        self.every, self.rel_threshold, self.n_sample, self.seed = every, rel_threshold, n_sample, seed
         mods = linear_modules(model)
         self.index: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
         self.w0: dict[str, dict[str, torch.Tensor]] = {}
@@ -134,16 +144,35 @@ class DriftTracker:
             for mname, mask in group.items():
                 if mname not in mods:
                     raise ValueError(f"tracked group '{gname}' names module '{mname}', which this model does not have")
-                if not bool(mask.any()):
-                    continue
                 rows, cols = mask.nonzero(as_tuple=True)  # row-major: rows sorted
+                if not len(rows):
+                    continue
                 self.index[gname][mname] = (rows, cols)
                 self.w0[gname][mname] = linear_weight(mods[mname]).detach()[rows, cols].to(device="cpu", dtype=torch.float32)
                 self.context[(gname, mname)] = stats_context(self.w0[gname][mname], rows, rel_threshold)
+        self.sample_index = {g: self._sample_positions(g) for g in self.index}
+        self.samples: dict[str, list[torch.Tensor]] = {g: [] for g in self.index}
+        self.steps: list[int] = []
+        self.adapted: set[str] | None = None
         self.rows: list[dict[str, Any]] = []
         self.last_step = -1
         self._record(0, deltas={g: {m: torch.zeros_like(w) for m, w in ws.items()} for g, ws in self.w0.items()},
                      adapted=None)
+
+    def _sample_positions(self, group: str) -> dict[str, torch.Tensor]:
+        """Module -> positions (in that module's tracked entries) of the group's fixed subsample: ``n_sample``
+        entries drawn without replacement over all the group's entries (seeded), or all of them if fewer."""
+        sizes = {m: len(rows) for m, (rows, _) in self.index[group].items()}
+        total = sum(sizes.values())
+        gen = torch.Generator().manual_seed(self.seed)
+        picked = torch.randperm(total, generator=gen)[: self.n_sample].sort().values
+        out, start = {}, 0
+        for m, n in sizes.items():
+            lo, hi = torch.searchsorted(picked, torch.tensor([start, start + n])).tolist()
+            if hi > lo:
+                out[m] = picked[lo:hi] - start
+            start += n
+        return out
 
     def deltas(self, model) -> tuple[dict[str, dict[str, torch.Tensor]], set[str]]:
         """``({group: {module: Delta of its tracked entries}}, adapted modules)`` of the model now."""
@@ -179,13 +208,27 @@ class DriftTracker:
         return out, trainable
 
     def _record(self, step: int, deltas, adapted: set[str] | None) -> None:
-        for g, per_module in deltas.items():
-            for m, d in per_module.items():
-                rows = self.index[g][m][0]
-                row = {"step": step, "group": g, "module": m, "layer": int(m.split(".")[1]), "type": m.split(".", 2)[2],
-                       "adapted": True if adapted is None else m in adapted}
-                row.update(entry_stats(d, self.w0[g][m], rows, self.rel_threshold, self.context[(g, m)]))
-                self.rows.append(row)
+        from concurrent.futures import ThreadPoolExecutor
+
+        pairs = [(g, m, d) for g, per_module in deltas.items() for m, d in per_module.items()]
+
+        def stats(pair):
+            g, m, d = pair
+            return entry_stats(d, self.w0[g][m], self.index[g][m][0], self.rel_threshold, self.context[(g, m)])
+
+        # training waits while a record is taken, so its cores are free: the partial sorts (numpy releases the GIL)
+        # of different modules run side by side, in the order of `pairs` (the rows' order does not depend on it)
+        with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+            results = list(pool.map(stats, pairs))
+        for (g, m, _), result in zip(pairs, results, strict=True):
+            self.rows.append({"step": step, "group": g, "module": m, "layer": int(m.split(".")[1]),
+                              "type": m.split(".", 2)[2], "adapted": True if adapted is None else m in adapted, **result})
+        for g, positions in self.sample_index.items():
+            parts = [deltas[g][m][pos].abs() for m, pos in positions.items()]
+            self.samples[g].append(torch.cat(parts) if parts else torch.zeros(0))
+        self.steps.append(step)
+        if adapted is not None:
+            self.adapted = set(adapted)
         self.last_step = step
         self.final = deltas
 
@@ -203,7 +246,8 @@ class DriftTracker:
         recorded step and its Delta (:attr:`final`), and the settings they were recorded with (checked on load).
         ``W_0`` is not in it: it is read from the unchanged base weights when the tracker is built."""
         return {"settings": self._settings(), "rows": [dict(r) for r in self.rows], "last_step": self.last_step,
-                "final": self.final}
+                "final": self.final, "samples": {g: list(v) for g, v in self.samples.items()}, "steps": list(self.steps),
+                "adapted": None if self.adapted is None else sorted(self.adapted)}
 
     def load_state_dict(self, d: Mapping[str, Any]) -> None:
         """Continue the log of :meth:`state_dict` ``d`` (replacing the rows recorded so far)."""
@@ -214,10 +258,13 @@ class DriftTracker:
                                f"number tracked per group and module); cannot continue it")
         self.rows = [dict(r) for r in d["rows"]]
         self.last_step, self.final = d["last_step"], d["final"]
+        self.samples, self.steps = {g: list(v) for g, v in d["samples"].items()}, list(d["steps"])
+        self.adapted = None if d["adapted"] is None else set(d["adapted"])
 
     def _settings(self) -> dict[str, Any]:
         entries = {g: {m: len(rows) for m, (rows, _) in idx.items()} for g, idx in self.index.items()}
-        return {"every": self.every, "rel_threshold": self.rel_threshold, "entries": entries}
+        return {"every": self.every, "rel_threshold": self.rel_threshold, "entries": entries,
+                "n_sample": self.n_sample, "seed": self.seed}
 
     def table(self):
         import pandas as pd
@@ -225,8 +272,10 @@ class DriftTracker:
         return pd.DataFrame(self.rows)
 
     def save(self, folder: str | Path) -> dict[str, str]:
-        """``drift.parquet`` (one row per step, group, module) and ``final/<group>.safetensors`` (per module the
-        final Delta of the group's entries, fp32, in the group's flat index order, with their flat indices)."""
+        """``drift.parquet`` (one row per step, group, module), ``final/<group>.safetensors`` (per module the
+        final Delta of the group's entries, fp32, in the group's flat index order, with their flat indices) and
+        ``samples.safetensors`` (per group ``[n_records, n]`` fp32 ``|Delta|`` of its fixed subsample restricted to
+        modules the fine-tuning changes, ``steps`` ``[n_records]``; metadata ``n_sample``, ``seed``)."""
         from safetensors.torch import save_file
 
         folder = Path(folder)
@@ -242,5 +291,17 @@ class DriftTracker:
                 tensors[f"{m}.index"] = (rows.to(torch.int64) * self.d_in[m] + cols).contiguous()  # flat, [d_out, d_in]
             save_file(tensors, str(folder / "final" / f"{g}.safetensors"), metadata={"step": str(self.last_step)})
             files[f"final:{g}"] = f"final/{g}.safetensors"
+        save_file(self.sample_table(), str(folder / "samples.safetensors"),
+                  metadata={"n_sample": str(self.n_sample), "seed": str(self.seed)})
+        files["samples"] = "samples.safetensors"
         return files
+
+    def sample_table(self) -> dict[str, torch.Tensor]:
+        """``{group: [n_records, n] |Delta| of its subsample in adapted modules, "steps": [n_records]}``."""
+        out = {"steps": torch.tensor(self.steps, dtype=torch.int64)}
+        for g, positions in self.sample_index.items():
+            keep = torch.cat([torch.full((len(pos),), self.adapted is None or m in self.adapted)
+                              for m, pos in positions.items()]) if positions else torch.zeros(0, dtype=torch.bool)
+            out[g] = torch.stack(self.samples[g])[:, keep].contiguous()
+        return out
 

@@ -199,7 +199,7 @@ def run_finetune(model, tokenizer, examples: Sequence[Example], cfg: FinetuneCon
         log("[finetune] evaluating the model before fine-tuning")
         before = evaluate_model(model, tokenizer, folder / "eval" / "before", eval_config, overwrite=True,
                                 progress=progress, _inputs=inputs)
-    tracker = DriftTracker(model, track, every=cfg.drift_every) if track else None
+    tracker = DriftTracker(model, track, every=cfg.drift_every, seed=train_config.seed) if track else None
     log(f"[finetune] {'full' if cfg.full else 'LoRA'} fine-tuning on {len(examples)} examples"
         + (f", {cfg.freeze_mode}-frozen group" if freeze is not None else "")
         + (f", tracking {len(track)} groups every {cfg.drift_every} steps" if track else ""))
