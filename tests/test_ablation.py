@@ -1,11 +1,11 @@
-"""Ablation context manager: zeroes exactly the group, restores bit-exactly (also on exceptions)."""
+"""Ablation context manager: zeroes exactly the group, restores bit-exactly (also on exceptions); the table."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from brittle.ablation import ablated, fraction_removed
+from brittle.ablation import ABLATION_COLUMNS, REASON_COLUMNS, ablated, ablation_markdown, fraction_removed
 from brittle.io import BrittleError
 from brittle.models import linear_modules, linear_weight
 from brittle.testing import tiny_model
@@ -65,3 +65,25 @@ def test_fraction_removed():
     g = {"layers.0.q": torch.zeros_like(linear_weight(mods["layers.0.q"]), dtype=torch.bool)}
     g["layers.0.q"][0, :10] = True
     assert fraction_removed(model, g) == pytest.approx(10 / total)
+
+
+def test_table_has_degenerate_reason_columns_and_markdown_shows_them_compactly():
+    import pandas as pd
+
+    assert REASON_COLUMNS == ("degenerate_empty", "degenerate_lone_opening", "degenerate_looping",
+                              "degenerate_gibberish", "degenerate_other")
+    cols = list(ABLATION_COLUMNS)
+    assert cols[cols.index("degenerate") + 1 : cols.index("degenerate") + 6] == list(REASON_COLUMNS)
+    row = dict.fromkeys(ABLATION_COLUMNS) | {"group": "set_difference", "sparsity": 0.01, "asr": 0.16, "degenerate": 0.84,
+                                             "degenerate_empty": 0.0, "degenerate_lone_opening": 0.7,
+                                             "degenerate_looping": 0.1, "degenerate_gibberish": 0.0,
+                                             "degenerate_other": 0.04, "n_harmful": 50}
+    dense = dict.fromkeys(ABLATION_COLUMNS) | {"group": "dense", "degenerate": 0.0, "n_harmful": 50}
+    md = ablation_markdown(pd.DataFrame([dense, row], columns=cols))
+    header = md.splitlines()[0]
+    assert "| degenerate |" in header and not any(c in header for c in REASON_COLUMNS)
+    assert "| 0.84 (lone 0.7, loop 0.1, other 0.04) |" in md
+    assert md.splitlines()[2].startswith("| dense |") and "| 0 |" in md.splitlines()[2]
+    # an old table without the reason columns still renders, the share alone
+    old = pd.DataFrame([row], columns=cols).drop(columns=list(REASON_COLUMNS))
+    assert "| 0.84 |" in ablation_markdown(old)

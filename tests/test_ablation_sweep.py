@@ -47,6 +47,8 @@ def test_sweep_writes_table_figure_and_groups_and_restores_the_model(smol_tokeni
     items = sweep(model, safety, utility, [(0.01, 0.01), (0.05, 0.05)], tmp_path)
     table = run_ablation(model, smol_tokenizer, items, tmp_path, progress=False, log=lambda s: None, eval_config=cfg)
     assert list(table.columns) == list(ABLATION_COLUMNS)
+    reasons = [c for c in ABLATION_COLUMNS if c.startswith("degenerate_") and c != "degenerate_benign"]
+    assert len(reasons) == 5 and table[reasons].sum(axis=1).tolist() == pytest.approx(table.degenerate.tolist(), abs=1e-3)
     assert len(table) == 1 + 4 * 2 and table.iloc[0].group == "dense" and table.iloc[0].fraction_removed == 0
     on_disk = pd.read_csv(tmp_path / "ablation.csv")
     assert list(on_disk.group) == list(table.group)

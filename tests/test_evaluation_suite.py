@@ -192,6 +192,18 @@ def test_evaluate_model_end_to_end(tiny, tmp_path, small_sets):
         per_sample = [r["verdicts"][judge] for r in rows]
         assert got["sampled_per_sample"]["value"] == pytest.approx(per_sample.count("compliance") / 4), judge
     assert {"prompt", "response", "sample"} <= set(rows[0])
+    # degenerate shares split by reason: every variant and over-refusal set, summing to its share, as saved
+    from brittle.evaluation.judges import DEGENERATE_REASONS, degenerate_reason
+
+    reasons = s["degenerate_reasons"]
+    assert set(reasons) == set(s["degenerate"]) | {"benign", "edgy"}
+    totals = dict(s["degenerate"], benign=s["degenerate_benign"], edgy=s["degenerate_edgy"])
+    for key, total in totals.items():
+        assert list(reasons[key]) == list(DEGENERATE_REASONS) and sum(reasons[key].values()) == pytest.approx(total, abs=1e-3)
+    saved = [json.loads(line) for line in (out / "generations" / "vanilla_nosys.jsonl").read_text().splitlines()]
+    why = [degenerate_reason(r["response"]) for r in saved if r["verdicts"]["refusal-v1"] == "degenerate"]
+    assert reasons["vanilla_nosys"] == {r: pytest.approx(why.count(r) / 3, abs=1e-4) for r in DEGENERATE_REASONS}
+    assert s["by_judge"]["keyword-wei"]["degenerate_reasons"]["vanilla_nosys"] == dict.fromkeys(DEGENERATE_REASONS, 0.0)
     assert json.loads((out / "summary.json").read_text())["asr"] == s["asr"]
     assert (out / "summary.md").read_text().startswith("Model")  # the eval stage writes the manifest
     with pytest.raises(ExistsError, match="--force"):

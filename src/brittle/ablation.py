@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .evaluation.judges import DEGENERATE_REASONS
 from .io import BrittleError
 from .models import check_masks, linear_modules, linear_weight
 
@@ -59,9 +60,11 @@ PAPER_PQ_PAIRS: tuple[tuple[float, float], ...] = (
     (0.04, 0.04), (0.05, 0.05), (0.06, 0.05), (0.06, 0.06), (0.09, 0.08),
 )
 PQ_PRESETS: dict[str, tuple[tuple[float, float], ...]] = {"paper-llama2-7b": PAPER_PQ_PAIRS}
+#: ``degenerate`` split by reason (shares of the harmful prompts, summing to ``degenerate``).
+REASON_COLUMNS = tuple(f"degenerate_{r}" for r in DEGENERATE_REASONS)
 ABLATION_COLUMNS = ("group", "sparsity", "p", "q", "fraction_removed", "asr_wei", "asr", "asr_ci95_low",
-                    "asr_ci95_high", "degenerate", "refusal", "over_refusal", "degenerate_benign", "perplexity",
-                    "accuracy_mean", "n_harmful")
+                    "asr_ci95_high", "degenerate", *REASON_COLUMNS, "refusal", "over_refusal", "degenerate_benign",
+                    "perplexity", "accuracy_mean", "n_harmful")
 
 
 def ablation_eval_config(**overrides):
@@ -132,7 +135,10 @@ def run_ablation(model, tokenizer, groups: Sequence[SweepGroup], out_dir, *, eva
 
 
 def ablation_markdown(table, cfg=None) -> str:
-    """The table as Markdown, with a legend saying how each column was computed."""
+    """The table as Markdown, with a legend saying how each column was computed; the ``degenerate_<reason>``
+    columns go into the ``degenerate`` cell, e.g. ``0.84 (lone 0.7, loop 0.14)``."""
+    from .evaluation.report import degenerate_cell
+
     def cell(column: str, x) -> str:
         if x is None or x != x:  # None or NaN
             return ""
@@ -140,15 +146,22 @@ def ablation_markdown(table, cfg=None) -> str:
             return f"{x:.4%}"
         return f"{x:g}" if isinstance(x, float) else str(x)
 
-    columns = list(table.columns)
+    def row_cell(column: str, row: dict) -> str:
+        if column != "degenerate":
+            return cell(column, row[column])
+        reasons = {r: row.get(f"degenerate_{r}") for r in DEGENERATE_REASONS}
+        return degenerate_cell(row[column], reasons, fmt=lambda x: cell(column, x))
+
+    columns = [c for c in table.columns if c not in REASON_COLUMNS]
     header = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
-    body = "".join("| " + " | ".join(cell(c, v) for c, v in zip(columns, r, strict=True)) + " |\n"
-                   for r in table.itertuples(index=False))
+    body = "".join("| " + " | ".join(row_cell(c, r) for c in columns) + " |\n" for r in table.to_dict("records"))
     legend = (
         "\nColumns: `fraction_removed` = zeroed entries / all entries of the scored linear modules; `asr_wei` = "
         "attack success with the paper's keyword judge, `asr` = with the default judge (`refusal-v1`), both on "
         "held-out AdvBench behaviours, greedy, no system prompt (`asr_ci95_*` = Wilson 95% interval of `asr`); "
-        "`degenerate` = share of those answers the default judge calls degenerate (empty, repetitive, garbled); "
+        "`degenerate` = share of those answers the default judge calls degenerate, by reason in parentheses (`empty`: no "
+        "letter or digit, `lone`: a lone opening such as \"I\" then the end of turn, `loop`: repetition, `gibberish`: "
+        "garbled, `other`: another answer under 3 words; columns `degenerate_<reason>` of ablation.csv); "
         "`refusal` = share refused; `over_refusal` = share of held-out benign instructions refused; "
         "`perplexity` = token-weighted perplexity of reference answers to held-out benign questions; "
         "`accuracy_mean` = mean zero-shot accuracy (lm-eval).\n")

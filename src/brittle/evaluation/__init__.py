@@ -6,9 +6,11 @@ Heavy pieces (lm-eval, the suite) are imported lazily so ``import brittle.evalua
 from .generation import GenerationConfig, generate
 from .judges import (
     DEFAULT_JUDGE,
+    DEGENERATE_REASONS,
     JUDGES,
     VERDICTS,
     WEI_REFUSAL_STRINGS,
+    degenerate_reason,
     explain_refusal_v1,
     get_judge,
     keyword_wei,
@@ -34,6 +36,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "GenerationConfig", "generate", "DEFAULT_JUDGE", "JUDGES", "VERDICTS", "WEI_REFUSAL_STRINGS", "explain_refusal_v1",
+    "GenerationConfig", "generate", "DEFAULT_JUDGE", "DEGENERATE_REASONS", "JUDGES", "VERDICTS", "WEI_REFUSAL_STRINGS",
+    "degenerate_reason", "explain_refusal_v1",
     "get_judge", "keyword_wei", "refusal_v1", "rate", "wilson_interval", *_LAZY,
 ]

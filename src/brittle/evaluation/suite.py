@@ -17,7 +17,10 @@ AdvBench[:100] by default):
   user turn (``prompt + " " + suffix``), greedy, no system prompt.
 
 Every ASR is ``{"value", "ci95" (Wilson), "n"}``; ``degenerate[variant]`` is the share of that
-variant's answers (all samples) the primary judge calls degenerate.
+variant's answers (all samples) the primary judge calls degenerate, and ``degenerate_reasons[variant]``
+(also for ``benign``, ``edgy``, ``refusal_<name>``) splits it into ``{reason: share}`` by
+:func:`~brittle.evaluation.judges.degenerate_reason` (``empty``, ``lone_opening``, ``looping``, ``gibberish``,
+``other``).
 
 Utility: ``refusal_harmful`` (refusal share on ``vanilla_nosys``), ``over_refusal`` (refusal share on held-out
 benign instructions, greedy, no system prompt), ``over_refusal_edgy`` (same on benign-but-edgy prompts),
