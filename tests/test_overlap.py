@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -127,3 +129,30 @@ def test_overlap_command(tmp_path):
     res = runner.invoke(app, ["overlap", str(tmp_path / "s.safetensors"), str(tmp_path / "t.safetensors"),
                               "--levels", "total,rows"])
     assert res.exit_code == 2 and "unknown level(s) rows" in res.output
+
+
+def _module_table(jaccards, total):
+    import pandas as pd
+
+    rows = [{"level": "total", "module": "all", "jaccard": total, "chance_jaccard": 0.01}]
+    rows += [{"level": "module", "module": f"layers.{i}.q", "jaccard": j, "chance_jaccard": 0.01}
+             for i, j in enumerate(jaccards)]
+    return pd.DataFrame(rows)
+
+
+def test_against_noise_floor_reaches_both_outcomes():
+    """Modules are the units: 30 modules all 0.2 below the floor are beyond noise; the same values as the floor,
+    or differences scattered around 0, are not (a wrong sign convention or a pooled-entries test would fail)."""
+    from brittle.analysis import against_noise_floor
+
+    rng = np.random.default_rng(0)
+    floor = rng.uniform(0.7, 0.9, size=30)
+    below = against_noise_floor(_module_table(floor - 0.2, 0.6), _module_table(floor, 0.8), n_boot=200)
+    assert below["beyond_noise"] and below["n_below"] == 30 and below["median_diff"] == pytest.approx(-0.2)
+    assert below["median_diff_ci_high"] < 0 and below["p_value"] < 1e-5
+    assert below["jaccard_finetuned"] == 0.6 and below["jaccard_noise_floor"] == 0.8
+    same = against_noise_floor(_module_table(floor, 0.8), _module_table(floor, 0.8), n_boot=200)
+    assert not same["beyond_noise"] and same["p_value"] == 1.0 and same["n_below"] == 0
+    scattered = against_noise_floor(_module_table(floor + rng.normal(0, 0.05, 30), 0.8), _module_table(floor, 0.8),
+                                    n_boot=200)
+    assert not scattered["beyond_noise"] and scattered["median_diff_ci_low"] < 0 < scattered["median_diff_ci_high"]

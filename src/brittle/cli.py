@@ -402,6 +402,22 @@ def overlap_cmd(
         typer.echo(f"table: {out} (and {md.name})")
 
 
+@app.command("report")
+@user_errors
+def report_cmd(
+    run: Annotated[Path, typer.Argument(help="A run directory (any stages; missing parts are named in the report).")],
+) -> None:
+    """Write RUN/report/: report.md, a self-contained report.html, report.txt (the seed study's layout) and
+    results.json, from whatever stages the run directory holds. Recomputed when a stage changed since."""
+    from .pipeline import report_stage
+    from .stage import RunContext
+
+    if not run.is_dir():
+        raise BrittleError(f"{run}: no such run directory")
+    result = report_stage(RunContext(out=run, force=True, log=typer.echo), None)
+    typer.echo(f"report: {result.folder / 'report.html'} (and report.md, report.txt, results.json)")
+
+
 @app.command("eval")
 @user_errors
 def eval_cmd(

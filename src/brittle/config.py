@@ -28,8 +28,8 @@ from .evaluation.config import EvalConfig, SweepEvalConfig
 from .finetune.job import FinetuneConfig
 from .io import BrittleError, FrozenConfig
 
-STAGES = ("align", "data", "scores", "groups", "ablation", "finetune", "eval")
-StageName = Literal["align", "data", "scores", "groups", "ablation", "finetune", "eval"]
+STAGES = ("align", "data", "scores", "groups", "ablation", "finetune", "overlap", "stats", "eval", "report")
+StageName = Literal["align", "data", "scores", "groups", "ablation", "finetune", "overlap", "stats", "eval", "report"]
 Fraction = float  # 0 < x <= 1, checked by the validators below
 
 
@@ -138,6 +138,35 @@ class AblationConfig(FrozenConfig):
         return [(s if self.p is None else self.p, s) for s in self.sparsities]
 
 
+class OverlapConfig(FrozenConfig):
+    """Stage ``overlap`` (Experiment 1): the run's groups against the same selection on another calibration
+    sample of the unchanged model (the noise floor, sub-run ``noise/``) and on the fine-tuned model (sub-run
+    ``refit/``: the finetune stage's merged weights, scored on the run's own calibration sample)."""
+
+    groups: tuple[str, ...] = Field(("top_safety", "top_utility", "set_difference"),
+                                    description="Groups compared (names of the groups stage's files).")
+    noise_floor: bool = Field(True, description="Compute the noise floor (scores and groups on the examples of "
+                                                "each data set that the run's scores did not use).")
+    finetuned: bool = Field(True, description="Compare with the groups of the fine-tuned model (needs the "
+                                              "finetune stage with merge = true or full = true).")
+    n_boot: int = Field(2000, gt=0, description="Bootstrap resamples of the per-module Jaccard differences.")
+
+
+class StatsConfig(FrozenConfig):
+    """Stage ``stats`` (Experiment 2): the finetune stage's final drift per tracked group, each group against
+    its controls (see :mod:`brittle.analysis.stats`), and the verdict on the primary comparison."""
+
+    pairs: tuple[tuple[str, str], ...] = Field(
+        (("set_difference", "random_magnitude"), ("set_difference", "random"), ("set_difference", "top_utility"),
+         ("top_safety", "random_magnitude"), ("top_safety", "random")),
+        description="(group, control) comparisons; pairs whose groups were not tracked are skipped.")
+    metrics: tuple[Literal["abs", "rel"], ...] = Field(("abs", "rel"), description="abs = |Delta|, rel = |Delta|/|w0|.")
+    max_n: int = Field(20000, gt=1, description="Entries per side (deterministic subsample) of each comparison.")
+    n_boot: int = Field(1000, gt=0, description="Bootstrap resamples of each effect size.")
+    margin: float = Field(0.147, gt=0, lt=1, description="Equivalence margin / H1 threshold on Cliff's delta.")
+    alpha: float = Field(0.05, gt=0, lt=1, description="Significance level (Benjamini-Hochberg adjusted p).")
+
+
 class ExperimentConfig(BaseSettings):
     """A run: the model, the seed, the stages to run (always in the order of ``STAGES``) and one section per
     stage. With an ``align`` stage, the stages after it work on the aligned model (``align.base`` is the model
@@ -159,6 +188,8 @@ class ExperimentConfig(BaseSettings):
     groups: GroupsConfig = GroupsConfig()
     ablation: AblationConfig = AblationConfig()
     finetune: FinetuneConfig = FinetuneConfig()
+    overlap: OverlapConfig = OverlapConfig()
+    stats: StatsConfig = StatsConfig()
     eval: EvalConfig = EvalConfig()
 
     @field_validator("stages")
@@ -177,6 +208,22 @@ class ExperimentConfig(BaseSettings):
         for name, section in sections:
             if section.seed not in (0, self.seed):
                 raise ValueError(f"{name}.seed = {section.seed}: set the experiment's top-level seed instead")
+        return self
+
+    @model_validator(mode="after")
+    def _analyses_have_inputs(self) -> ExperimentConfig:
+        # Checked when the config loads, so that a run does not fine-tune for an hour and then fail.
+        if "overlap" in self.stages:
+            missing = [s for s in ("data", "scores", "groups") if s not in self.stages]
+            if missing:
+                raise ValueError(f"the overlap stage compares the run's groups: add the stages {', '.join(missing)}")
+            if self.overlap.finetuned and ("finetune" not in self.stages
+                                           or not (self.finetune.merge or self.finetune.full)):
+                raise ValueError("overlap.finetuned needs the finetune stage with finetune.merge = true (or "
+                                 "finetune.full = true); or set overlap.finetuned = false")
+        if "stats" in self.stages and ("finetune" not in self.stages or self.finetune.track == []):
+            raise ValueError("the stats stage compares the drift of tracked groups: add the finetune stage (with "
+                             "finetune.track naming the groups, or its default: the run's groups)")
         return self
 
     def eval_config(self, section: EvalConfig) -> EvalConfig:

@@ -14,7 +14,12 @@ Stage folders in the run directory::
     ablation/                ablation.csv/.md/.png, eval/<label>/ (stage "ablation")
     finetune/                adapter/, loss.csv/.png, drift/, eval/before|after/ (stage "finetune";
                              checkpoints of an unfinished run in checkpoints/finetune/)
+    noise/, refit/           sub-runs (data, scores, groups) of the overlap stage: the noise floor on other
+                             calibration examples, and the fine-tuned model
+    overlap/                 overlap.csv/.md, summary.json (stage "overlap", Experiment 1)
+    stats/                   comparisons.csv, verdict.json, over_time.csv (stage "stats", Experiment 2)
     eval/                    summary.json/.md, generations/ (stage "eval")
+    report/                  report.md/.html/.txt, results.json, figures (stage "report")
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from typing import Any
 
 from .config import ExperimentConfig
 from .data.core import DataError
-from .io import BrittleError, sha256_file, sha256_json
+from .io import BrittleError, sha256_file, sha256_json, write_json
 from .stage import RunContext, StageResult, file_outputs, run_stage
 
 # --------------------------------------------------------------------------------------------------
@@ -330,6 +335,223 @@ def finetune_stage(ctx: RunContext, cfg: ExperimentConfig) -> StageResult:
     return run_stage(ctx, "finetune", ctx.out / "finetune", settings, inputs, produce)
 
 
+def _subrun(ctx: RunContext, cfg: ExperimentConfig, name: str, model: str, sets: dict[str, Path],
+            nsamples: int) -> dict[str, StageResult]:
+    """Stages data, scores and groups of ``model`` on the files ``sets`` in the sub-run ``RUN/<name>/``, with the
+    run's scoring and selection settings (the magnitude-matched control left out: the overlap does not use it).
+    Its stages follow the same reuse rule as the run's own."""
+    sub = cfg.model_copy(update={
+        "model": model, "stages": ("data", "scores", "groups"),
+        "data": cfg.data.model_copy(update={"sets": {k: str(v) for k, v in sets.items()}}),
+        "scores": cfg.scores.model_copy(update={"nsamples": nsamples}),
+        "groups": cfg.groups.model_copy(update={"magnitude": False, "safety_scores": None, "utility_scores": None})})
+    sub_ctx = RunContext(out=ctx.out / name, force=ctx.force, log=lambda m: ctx.log(f"({name}) {m}"),
+                         progress=ctx.progress, cache=ctx.cache)
+    return run_experiment(sub, sub_ctx)
+
+
+def _unused_examples(path: Path, nsamples: int, seed: int) -> list:
+    """The examples of a data file that the scores stage's sample (``sample(examples, nsamples, seed)``) left out."""
+    from .data.core import load_file, sample
+
+    examples = load_file(path, require_response=True)
+    used = {sha256_json(e.to_dict()) for e in sample(examples, nsamples, seed)}
+    return [e for e in examples if sha256_json(e.to_dict()) not in used]
+
+
+def overlap_stage(ctx: RunContext, cfg: ExperimentConfig) -> StageResult:
+    """Stage ``overlap`` (Experiment 1): each of ``overlap.groups`` of the run against the same selection
+
+    * on the unchanged model from the examples of each data set that the run's scores did not use (a disjoint
+      calibration sample of the same data: the noise floor, sub-run ``noise/``), and
+    * on the fine-tuned model (the finetune stage's merged weights) from the run's own calibration sample
+      (sub-run ``refit/``),
+
+    with chance levels (:func:`brittle.analysis.overlap`) and the per-module comparison of the two
+    (:func:`brittle.analysis.against_noise_floor`). Writes ``overlap.csv`` (every level), ``overlap.md`` and
+    ``summary.json``."""
+    import pandas as pd
+
+    from .analysis import against_noise_floor, overlap, overlap_markdown
+    from .data.core import save_jsonl
+    from .groups import load_group
+
+    ov = cfg.overlap
+    groups, data = ctx.results.get("groups"), ctx.results.get("data")
+    if groups is None or data is None:
+        raise BrittleError("overlap: needs the data, scores and groups stages in the same run")
+    missing = [g for g in ov.groups if g not in _run_group_files(groups)]
+    if missing:
+        raise BrittleError(f"overlap.groups: {', '.join(missing)} not among the run's groups "
+                           f"({', '.join(_run_group_files(groups))})")
+    ft = ctx.results.get("finetune")
+    merged = ft.outputs.get("files", {}).get("merged") if ft is not None else None
+    if ov.finetuned and merged is None:
+        raise BrittleError("overlap.finetuned needs the finetune stage in the same run with finetune.merge = true "
+                           "(or full = true), or set overlap.finetuned = false")
+    if not (ov.noise_floor or ov.finetuned):
+        raise BrittleError("overlap: nothing to compare (overlap.noise_floor and overlap.finetuned are both false)")
+    sc_sets = cfg.scores.sets
+    others: dict[str, dict[str, StageResult]] = {}
+    if ov.noise_floor:
+        folder = ctx.out / "noise" / "calibration"
+        folder.mkdir(parents=True, exist_ok=True)
+        sizes = []
+        for name in sc_sets:
+            unused = _unused_examples(data.path(name), cfg.scores.nsamples, cfg.seed)
+            if not unused:
+                raise BrittleError(f"overlap: every example of the data set '{name}' was used by the scores stage "
+                                   f"(scores.nsamples = {cfg.scores.nsamples}); the noise floor needs others: raise "
+                                   f"data.n_{name} or lower scores.nsamples, or set overlap.noise_floor = false")
+            # a pure function of the run's data stage (whose own record guards it) and the seed: replaced when that
+            # changed, so the noise sub-run's data stage sees the change and follows the reuse rule
+            save_jsonl(folder / f"{name}.jsonl", unused, overwrite=True)
+            sizes.append(len(unused))
+        ctx.log(f"[overlap] noise floor: the same selection from {', '.join(map(str, sizes))} other examples "
+                f"({', '.join(sc_sets)}) of the unchanged model")
+        others["noise_floor"] = _subrun(ctx, cfg, "noise", run_model_spec(ctx, cfg),
+                                        {n: folder / f"{n}.jsonl" for n in sc_sets},
+                                        min(cfg.scores.nsamples, *sizes))
+    if ov.finetuned:
+        ctx.log("[overlap] scoring and grouping the fine-tuned model on the run's calibration sample")
+        others["finetuned"] = _subrun(ctx, cfg, "refit", str(ft.folder / merged),
+                                      {n: data.path(n) for n in sc_sets}, cfg.scores.nsamples)
+    mine = _run_group_files(groups)
+    inputs = {"groups": {g: groups.outputs[g]["sha256"] for g in ov.groups},
+              **{f"{k}_groups": {g: r["groups"].outputs[g]["sha256"] for g in ov.groups} for k, r in others.items()}}
+
+    def produce(folder: Path) -> dict[str, Any]:
+        tables, summary, md = [], {}, []
+        for g in ov.groups:
+            a = load_group(mine[g])[0]
+            per = {}
+            for k, r in others.items():
+                t = overlap(a, load_group(r["groups"].path(g))[0])
+                per[k] = t
+                tables.append(t.rename(columns={"module": "unit", "a": "size_a", "b": "size_b"})
+                              .assign(comparison=k, group=g))
+                md.append(f"### {g}: run vs {k.replace('_', ' ')}\n\n" + overlap_markdown(t, names=("run", k)))
+            summary[g] = {k: float(t[t["level"] == "total"]["jaccard"].iloc[0]) for k, t in per.items()}
+            if len(per) == 2:
+                summary[g] = against_noise_floor(per["finetuned"], per["noise_floor"], n_boot=ov.n_boot, seed=cfg.seed)
+        table = pd.concat(tables, ignore_index=True)
+        front = ["comparison", "group", "level", "unit"]
+        table[front + [c for c in table.columns if c not in front]].to_csv(folder / "overlap.csv", index=False)
+        head = _overlap_headline(summary)
+        (folder / "overlap.md").write_text(head + "\n\n" + "\n".join(md), encoding="utf-8")
+        write_json(folder / "summary.json", summary)
+        ctx.log(head)
+        return {**file_outputs(folder, {"table": "overlap.csv", "markdown": "overlap.md", "summary": "summary.json"}),
+                "comparisons": list(others)}
+
+    return run_stage(ctx, "overlap", ctx.out / "overlap", {"seed": cfg.seed, **ov.to_dict()}, inputs, produce)
+
+
+def _overlap_headline(summary: dict[str, Any]) -> str:
+    lines = ["| group | Jaccard after fine-tuning | noise floor | chance | modules below the floor | median "
+             "per-module difference [95 % CI] | Wilcoxon p | beyond noise |", "|" + "---|" * 8]
+    for g, s in summary.items():
+        if "n_modules" not in s:  # one comparison only
+            lines.append(f"| {g} | {s.get('finetuned', float('nan')):.4f} | {s.get('noise_floor', float('nan')):.4f} "
+                         "| | | | | |")
+            continue
+        lines.append(f"| {g} | {s['jaccard_finetuned']:.4f} | {s['jaccard_noise_floor']:.4f} | "
+                     f"{s['chance_jaccard']:.4f} | {s['n_below']} of {s['n_modules']} | {s['median_diff']:+.4f} "
+                     f"[{s['median_diff_ci_low']:+.4f}, {s['median_diff_ci_high']:+.4f}] | {s['p_value']:.2g} | "
+                     f"{'yes' if s['beyond_noise'] else 'no'} |")
+    return "\n".join(lines)
+
+
+def stats_stage(ctx: RunContext, cfg: ExperimentConfig) -> StageResult:
+    """Stage ``stats`` (Experiment 2): every (group, control, metric) comparison of the finetune stage's final
+    drift over the modules the fine-tuning changed (:func:`brittle.analysis.compare_groups`), the verdict on the
+    primary comparison (:func:`brittle.analysis.verdict`), and each group's median and interquartile range of
+    ``|Delta|`` per recorded step from the tracker's fixed subsample. Writes ``comparisons.csv``,
+    ``verdict.json`` and ``over_time.csv``."""
+    import pandas as pd
+
+    from .analysis import PRIMARY, compare_groups, load_group_drift, verdict
+
+    st = cfg.stats
+    ft = ctx.results.get("finetune")
+    files = ft.outputs.get("files", {}) if ft is not None else {}
+    finals = {k.removeprefix("drift:final:"): ft.folder / v for k, v in files.items() if k.startswith("drift:final:")}
+    if not finals:
+        raise BrittleError("stats: needs the finetune stage in the same run with tracked groups (finetune.track)")
+    table_file = ft.folder / files["drift:table"]
+    samples_file = ft.folder / files["drift:samples"] if "drift:samples" in files else None
+    inputs = {"drift": {g: sha256_file(p) for g, p in sorted(finals.items())}, "table": sha256_file(table_file)}
+
+    def produce(folder: Path) -> dict[str, Any]:
+        from safetensors import safe_open
+
+        drift = pd.read_parquet(table_file)
+        last = drift[drift["step"] == drift["step"].max()]
+        modules = sorted(set(last[last["adapted"]]["module"]))
+        groups = {g: load_group_drift(p) for g, p in finals.items()}
+        table = compare_groups(groups, modules, pairs=st.pairs, metrics=st.metrics, max_n=st.max_n,
+                               n_boot=st.n_boot, seed=cfg.seed)
+        table.to_csv(folder / "comparisons.csv", index=False)
+        primary = table[(table["group"] == PRIMARY[0]) & (table["control"] == PRIMARY[1])
+                        & (table["metric"] == PRIMARY[2]) & (table["type"] == "all")]
+        record: dict[str, Any] = {"rule": {"primary": dict(zip(("group", "control", "metric"), PRIMARY, strict=True)),
+                                           "margin": st.margin, "alpha": st.alpha, "max_n": st.max_n,
+                                           "n_boot": st.n_boot, "seed": cfg.seed, "n_modules": len(modules)}}
+        if len(primary):
+            row = primary.iloc[0].to_dict()
+            record["verdict"], record["reason"] = verdict(row, margin=st.margin, alpha=st.alpha)
+            record["primary"] = row
+        else:
+            record["verdict"], record["reason"] = "none", (f"the primary comparison {PRIMARY[0]} vs {PRIMARY[1]} "
+                                                           "was not tracked")
+        write_json(folder / "verdict.json", record)
+        ctx.log(f"[stats] verdict: {record['verdict']} -- {record['reason']}")
+        outputs = file_outputs(folder, {"table": "comparisons.csv", "verdict": "verdict.json"})
+        if samples_file is not None:
+            rows = []
+            with safe_open(str(samples_file), "pt") as f:
+                steps = f.get_tensor("steps").tolist()
+                for g in (k for k in f.keys() if k != "steps"):
+                    values = f.get_tensor(g).double()
+                    for step, v in zip(steps, values, strict=True):
+                        q = _quartiles(v)
+                        rows.append({"step": step, "group": g, "n": v.numel(), **q})
+            pd.DataFrame(rows).to_csv(folder / "over_time.csv", index=False)
+            outputs.update(file_outputs(folder, {"over_time": "over_time.csv"}))
+        return {**outputs, "outcome": record["verdict"]}
+
+    return run_stage(ctx, "stats", ctx.out / "stats", {"seed": cfg.seed, **st.to_dict()}, inputs, produce)
+
+
+def _quartiles(values) -> dict[str, float]:
+    """Median and interquartile range (linear interpolation) of a 1-D tensor; NaN when empty."""
+    import torch
+
+    if values.numel() == 0:
+        return {"median": float("nan"), "q25": float("nan"), "q75": float("nan")}
+    q = torch.quantile(values, torch.tensor([0.5, 0.25, 0.75], dtype=values.dtype)).tolist()
+    return {"median": q[0], "q25": q[1], "q75": q[2]}
+
+
+def report_stage(ctx: RunContext, cfg: ExperimentConfig | None = None) -> StageResult:
+    """Stage ``report``: ``report/report.md``, ``report.html``, ``report.txt`` and ``results.json`` from whatever
+    the run directory holds (see :mod:`brittle.report`). Its inputs are the manifests of the run's stages, so a
+    changed stage makes a new report."""
+    from .report import build_report
+
+    manifests = {p.parent.relative_to(ctx.out).as_posix(): sha256_file(p)
+                 for p in sorted(ctx.out.glob("**/manifest.json")) if "report" not in p.parts
+                 and not any(part.endswith(".partial") for part in p.parts)}
+
+    def produce(folder: Path) -> dict[str, Any]:
+        written = build_report(ctx.out, folder)
+        ctx.log(f"[report] {folder / 'report.html'}")
+        return file_outputs(folder, {k: Path(v).relative_to(folder).as_posix() for k, v in written.items()
+                                     if Path(v).is_file()})
+
+    return run_stage(ctx, "report", ctx.out / "report", {}, {"manifests": manifests}, produce)
+
+
 def eval_stage(ctx: RunContext, cfg: ExperimentConfig) -> StageResult:
     """Stage ``eval``: the full evaluation suite of the run's model (see :mod:`brittle.evaluation.suite`)."""
     from .evaluation.report import summary_markdown
@@ -370,8 +592,14 @@ def run_experiment(cfg: ExperimentConfig, ctx: RunContext) -> dict[str, StageRes
             ablation_stage(ctx, cfg)
         elif stage == "finetune":
             finetune_stage(ctx, cfg)
+        elif stage == "overlap":
+            overlap_stage(ctx, cfg)
+        elif stage == "stats":
+            stats_stage(ctx, cfg)
         elif stage == "eval":
             eval_stage(ctx, cfg)
+        elif stage == "report":
+            report_stage(ctx, cfg)
     reused = sum(r.reused for r in ctx.results.values())
     ctx.log(f"done in {time.perf_counter() - t0:.0f} s ({reused} of {len(ctx.results)} stages reused); "
             f"run directory {ctx.out}")

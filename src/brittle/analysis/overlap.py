@@ -89,3 +89,39 @@ def overlap_markdown(table, *, names: tuple[str, str] = ("A", "B"), levels: tupl
                      f"{pct(r['share_a'])} | {pct(r['share_b'])} | {r['jaccard']:.4f} | {r['chance_jaccard']:.4f} | "
                      f"{enr} | {_p(r['p_value'])} |")
     return "\n".join(lines) + "\n"
+
+
+def against_noise_floor(finetuned, noise, *, n_boot: int = 2000, seed: int = 0, alpha: float = 0.05) -> dict:
+    """Is the overlap after fine-tuning below the noise floor? Both arguments are :func:`overlap` tables of the
+    same group (original vs fine-tuned, original vs another calibration sample of the unchanged model).
+
+    Per module with a non-empty union in both tables, ``d_m = J_finetuned,m - J_noise,m``; returned: the overall
+    Jaccards, ``n_modules``, ``n_below`` (modules with ``d_m < 0``), the median of ``d_m`` with a 95 %
+    percentile-bootstrap interval (``n_boot`` resamples of the modules, seeded), the two-sided Wilcoxon
+    signed-rank p-value of ``d_m`` (modules are the units: the entries of one module are not independent), and
+    ``beyond_noise``: the rule ``p < alpha`` and the interval entirely below 0 (the selection changed more than
+    recomputing it on other calibration data changes it)."""
+    import numpy as np
+    from scipy.stats import wilcoxon
+
+    def by_module(t):
+        rows = t[t["level"] == "module"]
+        return dict(zip(rows["module"], rows["jaccard"], strict=True))
+
+    def total(t):
+        return float(t[t["level"] == "total"]["jaccard"].iloc[0])
+
+    ft, nz = by_module(finetuned), by_module(noise)
+    d = np.array([ft[m] - nz[m] for m in ft if m in nz and ft[m] == ft[m] and nz[m] == nz[m]])
+    out = {"jaccard_finetuned": total(finetuned), "jaccard_noise_floor": total(noise),
+           "chance_jaccard": float(finetuned[finetuned["level"] == "total"]["chance_jaccard"].iloc[0]),
+           "n_modules": len(d), "n_below": int((d < 0).sum()), "alpha": alpha, "n_boot": n_boot, "seed": seed}
+    if len(d) < 2:
+        return {**out, "median_diff": float("nan"), "median_diff_ci_low": float("nan"),
+                "median_diff_ci_high": float("nan"), "p_value": float("nan"), "beyond_noise": False}
+    rng = np.random.default_rng(seed)
+    boot = np.median(d[rng.integers(0, len(d), size=(n_boot, len(d)))], axis=1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    p = float(wilcoxon(d).pvalue) if np.any(d != 0) else 1.0
+    return {**out, "median_diff": float(np.median(d)), "median_diff_ci_low": float(lo), "median_diff_ci_high": float(hi),
+            "p_value": p, "beyond_noise": bool(p < alpha and hi < 0)}

@@ -1,0 +1,752 @@
+"""Read a run directory into plain results (what the report shows) and the tables its figures draw.
+
+Only what exists is read; a missing part becomes a line in ``missing`` (and in its section's ``missing``), never
+an error. A part that exists but cannot be read becomes such a line too, naming the error.
+
+Inputs (relative to the run directory; every stage folder holds a ``manifest.json``):
+
+* ``*/manifest.json``, ``scores/*/manifest.json``, ``config.toml`` -- model, seed, stages;
+* ``groups/summary.csv`` (``level, module, layer, type, numel, <group>, <group>_share, ..., intersection, union,
+  jaccard``) and ``groups/manifest.json`` (config ``top, p, q, scope, seed, bins, magnitude``; outputs
+  ``<group>: {count, fraction}``);
+* ``ablation/ablation.csv`` (``group, sparsity, p, q, fraction_removed, asr_wei, asr, asr_ci95_low,
+  asr_ci95_high, degenerate, refusal, over_refusal, degenerate_benign, perplexity, accuracy_mean, n_harmful``,
+  optionally ``degenerate_empty, degenerate_lone_opening, degenerate_looping, degenerate_gibberish,
+  degenerate_other``) and ``ablation/manifest.json`` (``config.eval``: the evaluation's sizes);
+* ``finetune/manifest.json``, ``finetune/loss.csv`` (``step, loss, lr``), ``finetune/eval/{before,after}/summary.json``;
+* ``finetune/drift/drift.parquet`` (one row per step, group, module), ``finetune/drift/samples.safetensors``
+  (per group a float32 ``[n_records, n_sample]`` tensor of |Delta| of a fixed seeded subsample, ``steps``
+  int64 ``[n_records]``; metadata ``n_sample``, ``seed``), ``finetune/drift/final/<group>.safetensors``
+  (``<module>.delta``, ``<module>.w0``, ``<module>.index``);
+* ``stats/comparisons.csv`` (``group, control, metric, type, n_group, n_control, median_group, median_control,
+  median_diff, mean_diff, cliffs_delta, cohens_d, p_value, <effect>_ci_low, <effect>_ci_high, p_adjusted``) and
+  ``stats/verdict.json`` (``verdict, reason, rule, primary``); without a stats stage, the finetune stage's
+  ``finetune/drift/comparisons.csv`` if there is one;
+* ``overlap/overlap.csv`` (``comparison`` = ``noise_floor`` | ``finetuned``, ``group, unit, size_a, size_b,
+  intersection, share_a, share_b, jaccard, chance_jaccard, enrichment, p_value``; ``unit`` = ``all``, ``*.<type>``,
+  ``layers.<i>`` or a module name) and ``overlap/summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+GROUP_ORDER = ("top_safety", "set_difference", "top_utility", "random", "random_magnitude")
+DEGENERATE_KINDS = ("degenerate_empty", "degenerate_lone_opening", "degenerate_looping", "degenerate_gibberish",
+                    "degenerate_other")
+FINAL_SAMPLE = 20000  # entries per group and module type in the final-drift figure
+REL_THRESHOLD = 1e-6  # |w0| below this: no relative change (as brittle.drift / brittle.analysis.stats)
+
+
+@dataclass
+class RunData:
+    """``results``: the JSON-able numbers and texts the report shows, by section; ``tables``: DataFrames and arrays
+    the figures draw (not written to ``results.json``)."""
+
+    run_dir: Path
+    results: dict[str, Any] = field(default_factory=dict)
+    tables: dict[str, Any] = field(default_factory=dict)
+
+    def missing(self, section: str, line: str) -> None:
+        self.results.setdefault(section, {}).setdefault("missing", []).append(line)
+        self.results.setdefault("missing", []).append(line)
+
+
+def group_sort_key(name: str) -> tuple[int, str]:
+    return (GROUP_ORDER.index(name) if name in GROUP_ORDER else len(GROUP_ORDER), str(name))
+
+
+def _lacks(run: RunData, section: str, df, cols: tuple[str, ...], name: str) -> bool:
+    """True (and a missing line) when table ``name`` lacks one of ``cols``."""
+    absent = [c for c in cols if c not in df.columns]
+    if absent:
+        run.missing(section, f"{name} lacks the column(s) {', '.join(absent)}; left out")
+    return bool(absent)
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _rel(run: RunData, path: Path) -> str:
+    try:
+        return str(path.relative_to(run.run_dir))
+    except ValueError:
+        return str(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Run: manifests, model, seed
+
+
+def read_manifests(run_dir: Path) -> dict[str, dict]:
+    """``{folder relative to run_dir: manifest}`` for every ``*/manifest.json`` and ``*/*/manifest.json`` (score
+    folders), skipping unfinished ``*.partial`` folders, the report's own folder and unreadable files."""
+    out: dict[str, dict] = {}
+    for pattern in ("*/manifest.json", "*/*/manifest.json"):
+        for p in sorted(run_dir.glob(pattern)):
+            folder = p.parent.relative_to(run_dir).as_posix()
+            if any(part.endswith(".partial") for part in folder.split("/")) or folder.split("/")[0] in ("report", "checkpoints"):
+                continue
+            try:
+                m = _read_json(p)
+            except (OSError, ValueError):
+                continue
+            if isinstance(m, dict) and m.get("stage") != "report":
+                out[folder] = m
+    return out
+
+
+def _argv_option(argv: list, name: str) -> str | None:
+    for i, a in enumerate(argv or []):
+        if a == name and i + 1 < len(argv):
+            return str(argv[i + 1])
+        if isinstance(a, str) and a.startswith(name + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def collect_run(run: RunData) -> None:
+    run_dir = run.run_dir
+    manifests = read_manifests(run_dir)
+    run.tables["manifests"] = manifests
+    config: dict[str, Any] = {}
+    cfg_path = run_dir / "config.toml"
+    if cfg_path.is_file():
+        try:
+            import tomllib
+
+            config = tomllib.loads(cfg_path.read_text(encoding="utf-8"))
+        except Exception:  # noqa: BLE001 - a broken config.toml only loses its facts
+            config = {}
+    model, source = None, None
+    if config.get("model"):
+        model, source = str(config["model"]), "config.toml"
+    if model is None:
+        for rel in ("finetune/eval/before/summary.json", "eval/summary.json", "ablation/eval/dense/summary.json"):
+            p = run_dir / rel
+            if p.is_file():
+                try:
+                    model, source = str(_read_json(p)["model"]), rel
+                    break
+                except Exception:  # noqa: BLE001
+                    continue
+    if model is None:
+        for folder, m in manifests.items():
+            v = _argv_option(m.get("argv", []), "--model")
+            if v:
+                model, source = v, f"{folder}/manifest.json (command line)"
+                break
+    weights = next((m.get("inputs", {}).get("model_weights") for m in manifests.values()
+                    if isinstance(m.get("inputs"), dict) and m["inputs"].get("model_weights")), None)
+    seed = config.get("seed")
+    if seed is None:
+        seed = next((m.get("config", {}).get("seed") for m in manifests.values()
+                     if isinstance(m.get("config"), dict) and m["config"].get("seed") is not None), None)
+    stages = [{"folder": f, "stage": m.get("stage", f), "created": m.get("created"), "seconds": m.get("seconds"),
+               "git_commit": (m.get("git_commit") or "")[:12] or None} for f, m in manifests.items()]
+    stages.sort(key=lambda s: (s["created"] or "", s["folder"]))
+    r = {"run_dir": str(run_dir), "model": model, "model_source": source,
+         "weights": weights[:12] if isinstance(weights, str) else None, "seed": seed,
+         "dtype": config.get("dtype"), "stages": stages}
+    run.results.setdefault("run", {}).update(r)
+    if not manifests:
+        run.missing("run", "No stage manifests in this run directory (no */manifest.json)")
+
+
+# --------------------------------------------------------------------------------------------------
+# Groups
+
+
+def _group_definitions(cfg: dict) -> dict[str, Any]:
+    keys = ("top", "p", "q", "scope", "seed", "bins", "magnitude")
+    return {k: cfg.get(k) for k in keys if k in cfg}
+
+
+def _tracked_groups_manifest(run: RunData) -> tuple[dict | None, str | None]:
+    """The groups stage a fine-tuning run tracked, when it lives in another run directory (``track`` entries
+    that are folders with a groups manifest, resolved from the working directory or the run directory)."""
+    ft = run.tables.get("manifests", {}).get("finetune")
+    if not ft:
+        return None, None
+    for t in (ft.get("config", {}) or {}).get("track") or []:
+        t = str(t)
+        for base in (Path.cwd(), run.run_dir, run.run_dir.parent, run.run_dir.parent.parent):
+            p = (base / t) if not Path(t).is_absolute() else Path(t)
+            if p.is_file() and p.suffix == ".safetensors":
+                p = p.parent
+            m = p / "manifest.json"
+            if m.is_file():
+                try:
+                    d = _read_json(m)
+                except (OSError, ValueError):
+                    continue
+                if d.get("stage") == "groups":
+                    return d, str(m)
+    return None, None
+
+
+def collect_groups(run: RunData) -> None:
+    import pandas as pd
+
+    g: dict[str, Any] = {}
+    run.results["groups"] = g
+    man = run.tables["manifests"].get("groups")
+    if man is None:
+        other, where = _tracked_groups_manifest(run)
+        if other is not None:
+            g["definitions"] = _group_definitions(other.get("config", {}))
+            g["definitions_source"] = where
+            g["counts"] = [{"group": k, "count": v.get("count"), "fraction": v.get("fraction")}
+                           for k, v in sorted(other.get("outputs", {}).items(), key=lambda kv: group_sort_key(kv[0]))
+                           if isinstance(v, dict) and "count" in v]
+        run.missing("groups", "No weight groups in this run (no groups/manifest.json)"
+                    + (f"; group definitions from the tracked groups' stage {where}" if where else ""))
+        return
+    g["definitions"] = _group_definitions(man.get("config", {}))
+    g["definitions_source"] = "groups/manifest.json"
+    g["counts"] = [{"group": k, "count": v.get("count"), "fraction": v.get("fraction")}
+                   for k, v in sorted(man.get("outputs", {}).items(), key=lambda kv: group_sort_key(kv[0]))
+                   if isinstance(v, dict) and "count" in v]
+    scoring = []
+    for folder, m in sorted(run.tables["manifests"].items()):
+        if folder.startswith("scores/"):
+            c, o = m.get("config", {}), m.get("outputs", {})
+            scoring.append({"folder": folder, "set": c.get("set"), "method": c.get("method"), "nsamples": c.get("nsamples"),
+                            "n_examples": o.get("n_examples"), "n_response_tokens": o.get("n_response_tokens"),
+                            "max_length": c.get("max_length")})
+    data_man = run.tables["manifests"].get("data")
+    if data_man:
+        for s in scoring:
+            o = data_man.get("outputs", {}).get(s["set"])
+            if isinstance(o, dict) and "n" in o:
+                s["set_size"] = o["n"]
+    g["scoring"] = scoring
+    path = run.run_dir / "groups" / "summary.csv"
+    if not path.is_file():
+        run.missing("groups", "No group summary table (no groups/summary.csv)")
+        return
+    df = pd.read_csv(path)
+    if _lacks(run, "groups", df, ("level", "module", "numel"), "groups/summary.csv"):
+        return
+    groups = [c[: -len("_share")] for c in df.columns if c.endswith("_share") and c[: -len("_share")] in df.columns]
+    g["groups"] = groups
+    cols = ["module", "numel"] + [x for grp in groups for x in (grp, f"{grp}_share")]
+    cols += [c for c in ("intersection", "union", "jaccard") if c in df.columns]
+    for level, key in (("total", "total"), ("type", "by_type")):
+        sub = df[df["level"] == level]
+        g[key] = [{c: r[c] for c in cols if c in sub.columns} for _, r in sub.iterrows()]
+    run.tables["groups_summary"] = df
+
+
+# --------------------------------------------------------------------------------------------------
+# Ablation
+
+
+def _wilson(share: Any, n: Any) -> tuple[float | None, float | None]:
+    from ..evaluation.stats import wilson_interval
+
+    try:
+        share, n = float(share), int(n)
+    except (TypeError, ValueError):
+        return None, None
+    if not n or share != share:
+        return None, None
+    k = min(n, max(0, round(share * n)))
+    lo, hi = wilson_interval(k, n)
+    return round(lo, 4), round(hi, 4)  # as brittle.evaluation.stats.rate
+
+
+def collect_ablation(run: RunData) -> None:
+    import pandas as pd
+
+    a: dict[str, Any] = {}
+    run.results["ablation"] = a
+    path = run.run_dir / "ablation" / "ablation.csv"
+    if not path.is_file():
+        run.missing("ablation", "No ablation in this run (no ablation/ablation.csv)")
+        return
+    man = run.tables["manifests"].get("ablation") or {}
+    cfg = man.get("config", {}) or {}
+    ev = cfg.get("eval", {}) or {}
+    settings = {k: ev.get(k) for k in ("judge", "n_harmful", "n_benign", "max_new_tokens", "perplexity_data",
+                                       "n_perplexity", "tasks", "limit", "seed") if k in ev}
+    if "kinds" in cfg:
+        settings["kinds"] = cfg["kinds"]
+    if not man:
+        run.missing("ablation", "No ablation manifest (no ablation/manifest.json): evaluation sizes unknown")
+    a["settings"] = settings
+    df = pd.read_csv(path)
+    if _lacks(run, "ablation", df, ("group", "fraction_removed"), "ablation/ablation.csv"):
+        return
+    n_benign = ev.get("n_benign")
+    if "n_harmful" in df.columns:
+        nh = df["n_harmful"]
+    else:
+        nh = pd.Series([ev.get("n_harmful")] * len(df))
+    lows: dict[str, list] = {}
+    for col, ns in (("refusal", nh), ("degenerate", nh), ("over_refusal", [n_benign] * len(df)),
+                    ("degenerate_benign", [n_benign] * len(df))):
+        if col not in df.columns:
+            continue
+        ci = [_wilson(s, n) for s, n in zip(df[col], ns, strict=True)]
+        lows[col] = ci
+        df[f"{col}_ci95_low"] = [c[0] for c in ci]
+        df[f"{col}_ci95_high"] = [c[1] for c in ci]
+    a["degenerate_kinds"] = [c for c in DEGENERATE_KINDS if c in df.columns]
+    a["rows"] = [{k: (None if (isinstance(v, float) and v != v) else v) for k, v in r.items()}
+                 for r in df.to_dict(orient="records")]
+    run.tables["ablation"] = df
+
+
+# --------------------------------------------------------------------------------------------------
+# Fine-tuning
+
+
+EVAL_METRICS = (  # key of headline(), label, interval source, n source
+    ("refusal", "refusal, held-out harmful"),
+    ("asr", "ASR (default judge)"),
+    ("asr_wei", "ASR (keyword-wei, the paper's judge)"),
+    ("degenerate", "degenerate share, harmful answers"),
+    ("over_refusal", "over-refusal, benign instructions"),
+    ("degenerate_benign", "degenerate share, benign answers"),
+    ("perplexity", "perplexity, benign reference answers"),
+    ("accuracy_mean", "mean zero-shot accuracy"),
+)
+
+
+def _eval_metrics(head: dict) -> list[tuple[str, str]]:
+    """:data:`EVAL_METRICS`, with the degenerate share split by reason (``degenerate_<reason>`` of
+    :func:`brittle.evaluation.report.headline`) after the degenerate share when the summary has reasons."""
+    out = []
+    for key, label in EVAL_METRICS:
+        out.append((key, label))
+        if key == "degenerate":
+            out += [(k, f"degenerate share, harmful answers: {k[len('degenerate_'):].replace('_', ' ')}")
+                    for k in head if k.startswith("degenerate_") and k != "degenerate_benign" and head[k] is not None]
+    return out
+
+
+def _eval_side(summary: dict | None, head: dict) -> dict[str, dict[str, Any]]:
+    """Per metric ``{value, ci95_low, ci95_high, n}`` of one side (before / after)."""
+    out: dict[str, dict[str, Any]] = {}
+    s = summary or {}
+    npr = s.get("n_prompts", {}) or {}
+    iv = s.get("intervals", {}) or {}
+    n_h = head.get("n_harmful") or npr.get("harmful")
+    n_b = npr.get("benign") or ((s.get("config") or {}).get("n_benign") if s else None)
+    for key, _label in _eval_metrics(head):
+        v = head.get(key)
+        lo = hi = n = None
+        if key == "asr":
+            lo, hi, n = head.get("asr_ci95_low"), head.get("asr_ci95_high"), n_h
+        elif key in ("asr_wei", "degenerate") or key.startswith("degenerate_") and key != "degenerate_benign":
+            n = n_h
+            lo, hi = _wilson(v, n)
+        elif key == "refusal":
+            n = n_h
+            r = iv.get("refusal_harmful")
+            lo, hi = (r["ci95"][0], r["ci95"][1]) if r else _wilson(v, n)
+        elif key == "over_refusal":
+            r = iv.get("over_refusal")
+            n = (r or {}).get("n") or n_b
+            lo, hi = (r["ci95"][0], r["ci95"][1]) if r else _wilson(v, n)
+        elif key == "degenerate_benign":
+            n = n_b
+            lo, hi = _wilson(v, n)
+        elif key == "perplexity":
+            n = (s.get("perplexity_detail") or {}).get("n")
+        elif key == "accuracy_mean":
+            det = s.get("accuracy_detail") or {}
+            ns = [d.get("n") for d in det.values() if isinstance(d, dict) and d.get("n")]
+            n = sum(ns) if ns else None
+        out[key] = {"value": v, "ci95_low": lo, "ci95_high": hi, "n": n, "label": _label}
+    return out
+
+
+def collect_finetune(run: RunData) -> None:
+    import pandas as pd
+
+    f: dict[str, Any] = {}
+    run.results["finetune"] = f
+    fdir = run.run_dir / "finetune"
+    man = run.tables["manifests"].get("finetune")
+    if man is None:
+        run.missing("finetune", "No fine-tuning in this run (no finetune/manifest.json)")
+        if not fdir.is_dir():
+            return
+        man = {}
+    cfg = man.get("config", {}) or {}
+    tr = cfg.get("train", {}) or {}
+    out = man.get("outputs", {}) or {}
+    settings: dict[str, Any] = {"data": cfg.get("data"), "n_examples": (out.get("data") or {}).get("n"),
+                                "full": cfg.get("full"), "freeze": cfg.get("freeze"),
+                                "freeze_mode": cfg.get("freeze_mode") if cfg.get("freeze") else None}
+    for k in ("r", "alpha", "dropout", "targets", "lr", "schedule", "warmup_steps", "batch_size",
+              "grad_accumulation", "epochs", "max_steps", "max_length", "seed"):
+        if k in tr:
+            settings[k] = tr[k]
+    settings["drift_every"] = cfg.get("drift_every")
+    settings["track"] = cfg.get("track")
+    f["settings"] = {k: v for k, v in settings.items() if k in ("freeze", "freeze_mode", "track") or v is not None}
+    if out.get("train"):
+        f["train"] = {k: out["train"].get(k) for k in ("steps", "seconds", "first_loss", "final_loss")}
+    loss_path = fdir / "loss.csv"
+    if loss_path.is_file():
+        loss = pd.read_csv(loss_path)
+        if len(loss):
+            tail = loss["loss"].tail(10)
+            f["loss"] = {"steps": int(loss["step"].max()), "first": float(loss["loss"].iloc[0]),
+                         "last": float(loss["loss"].iloc[-1]), "min": float(loss["loss"].min()),
+                         "mean_last_10": float(tail.mean())}
+            run.tables["loss"] = loss
+    else:
+        run.missing("finetune", "No loss curve (no finetune/loss.csv)")
+    sides: dict[str, dict] = {}
+    for side in ("before", "after"):
+        p = fdir / "eval" / side / "summary.json"
+        if p.is_file():
+            from ..evaluation.report import headline
+
+            s = _read_json(p)
+            sides[side] = _eval_side(s, headline(s))
+        elif isinstance(out.get("evaluation"), dict) and isinstance(out["evaluation"].get(side), dict):
+            sides[side] = _eval_side(None, out["evaluation"][side])
+            f.setdefault("notes", []).append(f"{side}: headline figures from finetune/manifest.json "
+                                             f"(no finetune/eval/{side}/summary.json)")
+    if sides:
+        rows = []
+        labels: dict[str, str] = {}
+        for side in sides.values():
+            labels.update({k: v.get("label", k) for k, v in side.items()})
+        base = [k for k, _ in EVAL_METRICS]
+
+        def rank(k: str) -> float:
+            return base.index(k) if k in base else base.index("degenerate") + 0.5
+
+        for key, label in sorted(labels.items(), key=lambda kv: rank(kv[0])):
+            row: dict[str, Any] = {"metric": key, "label": label}
+            for side in ("before", "after"):
+                for k, v in (sides.get(side, {}).get(key) or {}).items():
+                    if k != "label":
+                        row[f"{side}_{k}"] = v
+            b, a = row.get("before_value"), row.get("after_value")
+            row["change"] = (a - b) if isinstance(a, (int, float)) and isinstance(b, (int, float)) else None
+            if any(row.get(f"{s}_value") is not None for s in ("before", "after")):
+                rows.append(row)
+        f["evaluation"] = rows
+        run.tables["evaluation"] = rows
+    if len(sides) < 2:
+        miss = [s for s in ("before", "after") if s not in sides]
+        run.missing("finetune", "No evaluation " + " / ".join(miss) + " fine-tuning (no "
+                    + ", ".join(f"finetune/eval/{s}/summary.json" for s in miss) + ")")
+
+
+# --------------------------------------------------------------------------------------------------
+# Drift
+
+
+def _load_safetensors_np(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    from safetensors import safe_open
+
+    tensors = {}
+    with safe_open(str(path), framework="np") as fh:
+        meta = fh.metadata() or {}
+        for k in fh.keys():
+            tensors[k] = fh.get_tensor(k)
+    return tensors, meta
+
+
+def _quartiles(x) -> tuple[float, float, float]:
+    import numpy as np
+
+    if len(x) == 0:
+        return float("nan"), float("nan"), float("nan")
+    q = np.quantile(np.asarray(x, dtype=np.float64), [0.25, 0.5, 0.75])
+    return float(q[1]), float(q[0]), float(q[2])
+
+
+def _module_type(m: str) -> str:
+    return m.split(".", 2)[2] if m.count(".") >= 2 else m
+
+
+def _samples_over_training(path: Path) -> dict[str, Any]:
+    """Median and quartiles of |Delta| per group and recorded step from ``samples.safetensors``."""
+    import numpy as np
+
+    t, meta = _load_safetensors_np(path)
+    if "steps" not in t:
+        raise ValueError("no 'steps' tensor")
+    steps = [int(s) for s in np.asarray(t.pop("steps")).reshape(-1)]
+    rows = []
+    for grp in sorted(t, key=group_sort_key):
+        arr = np.asarray(t[grp], dtype=np.float64)
+        if arr.ndim != 2 or arr.shape[0] != len(steps):
+            raise ValueError(f"tensor '{grp}' has shape {list(arr.shape)}, expected [{len(steps)}, n_sample]")
+        for i, step in enumerate(steps):
+            v = arr[i][np.isfinite(arr[i])]
+            med, q25, q75 = _quartiles(v)
+            rows.append({"group": grp, "step": step, "median": med, "q25": q25, "q75": q75, "n": int(len(v))})
+    n_sample, seed = meta.get("n_sample", ""), meta.get("seed", "")
+    return {"source": "finetune/drift/samples.safetensors",
+            "definition": "median and interquartile range of |Delta| over a fixed seeded subsample of each group's "
+                          "entries in adapted modules",
+            "n_sample": int(n_sample) if str(n_sample).isdigit() else None,
+            "sample_seed": int(seed) if str(seed).lstrip("-").isdigit() else None,
+            "rows": rows}
+
+
+def collect_drift(run: RunData) -> None:
+    import numpy as np
+    import pandas as pd
+
+    d: dict[str, Any] = {}
+    run.results["drift"] = d
+    ddir = run.run_dir / "finetune" / "drift"
+    if not ddir.is_dir():
+        run.missing("drift", "No drift tracking in this run (no finetune/drift/)")
+        return
+    seed = (run.results.get("finetune", {}).get("settings", {}) or {}).get("seed")
+    seed = 0 if seed is None else int(seed)
+    table = None
+    adapted: set[str] | None = None
+    pq = ddir / "drift.parquet"
+    if pq.is_file():
+        table = pd.read_parquet(pq)
+        run.tables["drift"] = table
+        last = table[table["step"] == table["step"].max()]
+        adapted = set(last.loc[last["adapted"].astype(bool), "module"]) if "adapted" in last.columns else None
+        mods = table[["module", "adapted"]].drop_duplicates("module") if "adapted" in table.columns else None
+        d["records"] = {"steps": [int(s) for s in sorted(table["step"].unique())],
+                        "groups": sorted(table["group"].unique(), key=group_sort_key),
+                        "modules": int(table["module"].nunique()),
+                        "modules_adapted": int(mods["adapted"].astype(bool).sum()) if mods is not None else None}
+    else:
+        run.missing("drift", "No drift log (no finetune/drift/drift.parquet)")
+    # drift over training
+    sp = ddir / "samples.safetensors"
+    if sp.is_file():
+        try:
+            d["over_training"] = _samples_over_training(sp)
+        except Exception as e:  # noqa: BLE001
+            run.missing("drift", f"Could not read finetune/drift/samples.safetensors ({type(e).__name__}: {e}); "
+                                 "drift over training from drift.parquet instead")
+    if not d.get("over_training") and table is not None:
+        sub = table[table["adapted"].astype(bool)] if "adapted" in table.columns else table
+        rows = []
+        for (grp, step), s in sub.groupby(["group", "step"], sort=False):
+            w = s["n"].astype(float)
+            tot = float(w.sum())
+            if tot <= 0:
+                continue
+            rows.append({"group": grp, "step": int(step), "median": float((w * s["abs_median"]).sum() / tot),
+                         "q25": float((w * s["abs_q25"]).sum() / tot), "q75": float((w * s["abs_q75"]).sum() / tot),
+                         "n": int(tot)})
+        rows.sort(key=lambda r: (group_sort_key(r["group"]), r["step"]))
+        d["over_training"] = {"source": "finetune/drift/drift.parquet",
+                              "definition": "entry-weighted mean (weights: entries per module) of the per-module medians "
+                                            "and quartiles of |Delta| over adapted modules -- not the median of the "
+                                            "group's entries (no readable finetune/drift/samples.safetensors)",
+                              "rows": rows}
+    if d.get("over_training"):
+        run.tables["over_training"] = pd.DataFrame(d["over_training"]["rows"])
+    # final drift
+    fdir = ddir / "final"
+    files = sorted(fdir.glob("*.safetensors"), key=lambda p: group_sort_key(p.stem)) if fdir.is_dir() else []
+    if not files:
+        run.missing("drift", "No final drift per entry (no finetune/drift/final/<group>.safetensors)")
+        return
+    by_group, by_type, samples = [], [], {}
+    step = None
+    for p in files:
+        try:
+            t, meta = _load_safetensors_np(p)
+        except Exception as e:  # noqa: BLE001
+            run.missing("drift", f"Could not read {_rel(run, p)} ({type(e).__name__}: {e}); group left out")
+            continue
+        step = meta.get("step", step)
+        mods = sorted({k.rsplit(".", 1)[0] for k in t if k.endswith(".delta")})
+        if adapted is not None:
+            mods = [m for m in mods if m in adapted]
+        grp = p.stem
+        per_type: dict[str, list] = {}
+        per_type_w: dict[str, list] = {}
+        for m in mods:
+            per_type.setdefault(_module_type(m), []).append(np.abs(t[f"{m}.delta"].astype(np.float64)))
+            per_type_w.setdefault(_module_type(m), []).append(np.abs(t[f"{m}.w0"].astype(np.float64))
+                                                              if f"{m}.w0" in t else None)
+        absd = {ty: np.concatenate(v) for ty, v in per_type.items()}
+        relv = {}
+        for ty, parts in per_type.items():
+            ws = per_type_w[ty]
+            if all(w is not None for w in ws):
+                w = np.concatenate(ws)
+                keep = w >= REL_THRESHOLD
+                relv[ty] = absd[ty][keep] / w[keep]
+        all_abs = np.concatenate(list(absd.values())) if absd else np.zeros(0)
+        all_rel = np.concatenate(list(relv.values())) if relv else np.zeros(0)
+        for metric, vals in (("abs", all_abs), ("rel", all_rel)):
+            med, q25, q75 = _quartiles(vals)
+            row = {"group": grp, "metric": metric, "n": int(len(vals)), "median": med,
+                   "mean": float(vals.mean()) if len(vals) else None, "q25": q25, "q75": q75,
+                   "share_zero": float((vals == 0).mean()) if len(vals) else None}
+            if metric == "rel":
+                row["n_excluded"] = int(len(all_abs) - len(all_rel))
+            by_group.append(row)
+        samples[grp] = {}
+        for k, ty in enumerate(sorted(absd)):
+            vals = absd[ty]
+            med, q25, q75 = _quartiles(vals)
+            by_type.append({"group": grp, "type": ty, "n": int(len(vals)), "median": med, "q25": q25, "q75": q75,
+                            "share_zero": float((vals == 0).mean()) if len(vals) else None})
+            rng = np.random.default_rng([seed, k, len(vals)])
+            pick = vals if len(vals) <= FINAL_SAMPLE else vals[rng.permutation(len(vals))[:FINAL_SAMPLE]]
+            samples[grp][ty] = pick
+    d["final"] = {"source": "finetune/drift/final/<group>.safetensors", "step": int(step) if str(step).isdigit() else None,
+                  "modules": "adapted modules only (from drift.parquet)" if adapted is not None else
+                             "every module in the files (no drift.parquet to say which were adapted)",
+                  "rel_threshold": REL_THRESHOLD, "by_group": by_group, "by_type": by_type,
+                  "sample_per_type": FINAL_SAMPLE, "sample_seed": seed}
+    run.tables["final_samples"] = samples
+
+
+# --------------------------------------------------------------------------------------------------
+# Statistics
+
+
+def collect_statistics(run: RunData) -> None:
+    import pandas as pd
+
+    s: dict[str, Any] = {}
+    run.results["statistics"] = s
+    path = run.run_dir / "stats" / "comparisons.csv"
+    if not path.is_file():
+        alt = run.run_dir / "finetune" / "drift" / "comparisons.csv"
+        if alt.is_file():
+            path = alt
+            s.setdefault("notes", []).append("No stats stage in this run: comparisons from finetune/drift/comparisons.csv")
+        else:
+            run.missing("statistics", "No drift statistics in this run (no stats/comparisons.csv)")
+    df = None
+    if path.is_file():
+        df = pd.read_csv(path)
+    if df is not None and _lacks(run, "statistics", df, ("group", "control", "metric", "type"), _rel(run, path)):
+        df = None
+    if df is not None:
+        order = {t: i for i, t in enumerate(["all"] + sorted(t for t in df["type"].unique() if t != "all"))}
+        df = df.assign(_o=df["type"].map(order), _i=range(len(df))).sort_values(["_o", "_i"]).drop(columns=["_o", "_i"])
+        s["source"] = _rel(run, path)
+        s["effects"] = [c[: -len("_ci_low")] for c in df.columns if c.endswith("_ci_low")]
+        s["comparisons"] = [{k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()}
+                            for r in df.to_dict(orient="records")]
+        run.tables["comparisons"] = df
+    vpath = run.run_dir / "stats" / "verdict.json"
+    if vpath.is_file():
+        v = _read_json(vpath)
+        s["verdict"] = {"source": "stats/verdict.json", "verdict": v.get("verdict"), "reason": v.get("reason"),
+                        "rule": v.get("rule"), "primary": v.get("primary")}
+    elif df is not None:
+        run.missing("statistics", "No verdict (no stats/verdict.json)")
+        try:
+            from ..analysis.stats import ALPHA, MARGIN, PRIMARY, verdict
+
+            g, c, m = PRIMARY
+            prim = df[(df["group"] == g) & (df["control"] == c) & (df["metric"] == m) & (df["type"] == "all")]
+            if len(prim):
+                row = prim.iloc[0].to_dict()
+                name, reason = verdict(row)
+                s["verdict"] = {"source": "computed by the report with brittle.analysis.stats.verdict",
+                                "verdict": name, "reason": reason,
+                                "rule": {"primary": {"group": g, "control": c, "metric": m, "type": "all"},
+                                         "alpha": ALPHA, "margin": MARGIN,
+                                         "H1": "adjusted p < alpha, Cliff's delta interval above 0, delta >= margin",
+                                         "H2": "Cliff's delta interval inside (-margin, +margin)",
+                                         "inconclusive": "otherwise"},
+                                "primary": row}
+        except Exception as e:  # noqa: BLE001 - the verdict is optional here
+            s.setdefault("notes", []).append(f"verdict not computed: {type(e).__name__}: {e}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Overlap
+
+
+def unit_level(unit: str) -> str:
+    if unit == "all":
+        return "total"
+    if unit.startswith("*."):
+        return "type"
+    if re.fullmatch(r"layers\.\d+", unit):
+        return "layer"
+    return "module"
+
+
+def collect_overlap(run: RunData) -> None:
+    import pandas as pd
+
+    o: dict[str, Any] = {}
+    run.results["overlap"] = o
+    path = run.run_dir / "overlap" / "overlap.csv"
+    if not path.is_file():
+        run.missing("overlap", "No overlap analysis in this run (no overlap/overlap.csv)")
+        return
+    df = pd.read_csv(path)
+    if _lacks(run, "overlap", df, ("comparison", "group", "unit", "jaccard"), "overlap/overlap.csv"):
+        return
+    df["level"] = [unit_level(str(u)) for u in df["unit"]]
+    run.tables["overlap"] = df
+    cols = [c for c in ("size_a", "size_b", "intersection", "share_a", "share_b", "jaccard", "chance_jaccard",
+                        "enrichment", "p_value") if c in df.columns]
+    groups = sorted(df["group"].unique(), key=group_sort_key)
+    o["comparisons"] = sorted(df["comparison"].unique())
+    o["groups"] = groups
+    summary = []
+    for grp in groups:
+        row: dict[str, Any] = {"group": grp}
+        for comp in ("finetuned", "noise_floor"):
+            r = df[(df["group"] == grp) & (df["comparison"] == comp) & (df["level"] == "total")]
+            if len(r):
+                r = r.iloc[0]
+                for c in cols:
+                    row[f"{comp}_{c}"] = r[c]
+        summary.append(row)
+    o["summary_table"] = summary
+
+    def rows(level: str) -> list[dict]:
+        sub = df[df["level"] == level]
+        return [{"comparison": r["comparison"], "group": r["group"], "unit": r["unit"],
+                 **{c: r[c] for c in cols}} for _, r in sub.iterrows()]
+
+    o["by_type"] = rows("type")
+    o["by_layer"] = [{"comparison": r["comparison"], "group": r["group"], "unit": r["unit"], "jaccard": r["jaccard"]}
+                     for r in rows("layer")]
+    sp = run.run_dir / "overlap" / "summary.json"
+    if sp.is_file():
+        o["summary"] = _read_json(sp)
+    else:
+        run.missing("overlap", "No overlap summary (no overlap/summary.json)")
+
+
+COLLECTORS = (("run", collect_run), ("groups", collect_groups), ("ablation", collect_ablation),
+              ("finetune", collect_finetune), ("drift", collect_drift), ("statistics", collect_statistics),
+              ("overlap", collect_overlap))
+
+
+def collect(run_dir: str | Path) -> RunData:
+    """Read ``run_dir`` into :class:`RunData`. Never raises for missing or unreadable parts: each becomes a
+    line in ``results["missing"]`` (and in its section's ``missing``)."""
+    run = RunData(Path(run_dir))
+    run.results["missing"] = []
+    run.tables["manifests"] = {}
+    if not run.run_dir.is_dir():
+        run.missing("run", f"The run directory {run_dir} does not exist")
+    for name, fn in COLLECTORS:
+        try:
+            fn(run)
+        except Exception as e:  # noqa: BLE001 - a broken part must not stop the report
+            run.missing(name, f"Could not read the {name} part: {type(e).__name__}: {e}")
+    return run

@@ -1,0 +1,132 @@
+"""Experiment 1 (stage ``overlap``: noise floor and fine-tuned model as sub-runs) and Experiment 2 (stage
+``stats``) on a tiny model: their files, what the sub-runs score, reuse, and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from brittle.analysis import overlap
+from brittle.data.core import load_file, sample
+from brittle.groups import load_group
+from brittle.io import BrittleError
+from conftest import run_settings, tiny_run_settings
+from test_finetune_stage import TINY
+
+STAGES = 'stages=["data", "scores", "groups", "finetune", "overlap", "stats", "report"]'
+
+
+@pytest.fixture(scope="module")
+def experiment(smol_tokenizer, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("exp")
+    sets = [*tiny_run_settings(smol_tokenizer, tmp, n_utility=8), STAGES, *TINY, "stats.n_boot=50",
+            "overlap.n_boot=50"]
+    logs: list[str] = []
+    return sets, tmp, run_settings(None, sets, tmp / "run", logs=logs), logs
+
+
+def test_noise_floor_scores_other_examples_and_refit_scores_the_finetuned_model(experiment):
+    sets, tmp, results, _ = experiment
+    run = tmp / "run"
+    for name in ("safety", "utility"):  # the noise floor's calibration examples: those the run's scores left out
+        used = {json.dumps(e.to_dict()) for e in sample(load_file(run / "data" / f"{name}.jsonl"), 4, 0)}
+        other = {json.dumps(e.to_dict()) for e in load_file(run / "noise" / "data" / f"{name}.jsonl")}
+        assert other and not used & other
+        assert len(used | other) == len(load_file(run / "data" / f"{name}.jsonl"))
+    refit = json.loads((run / "refit" / "scores" / "safety-snip" / "manifest.json").read_text())
+    mine = json.loads((run / "scores" / "safety-snip" / "manifest.json").read_text())
+    assert refit["inputs"]["data"] == mine["inputs"]["data"]  # the run's own calibration set ...
+    assert refit["inputs"]["model_weights"] != mine["inputs"]["model_weights"]  # ... on the fine-tuned weights
+    merged_weights = results["finetune"].folder / "merged"
+    assert json.loads((run / "refit" / "config.toml").read_text().split("model = ")[1].split("\n")[0]) == str(merged_weights)
+
+
+def test_overlap_table_matches_the_group_files(experiment):
+    _, tmp, results, _ = experiment
+    run = tmp / "run"
+    table = pd.read_csv(results["overlap"].path("table"))
+    assert set(table.comparison) == {"noise_floor", "finetuned"}
+    assert set(table.group) == {"top_safety", "top_utility", "set_difference"}
+    for comparison, sub in (("noise_floor", "noise"), ("finetuned", "refit")):
+        for g in ("top_safety", "set_difference"):
+            want = overlap(load_group(run / "groups" / f"{g}.safetensors")[0],
+                           load_group(run / sub / "groups" / f"{g}.safetensors")[0])
+            got = table[(table.comparison == comparison) & (table.group == g)].reset_index(drop=True)
+            assert list(got.unit) == list(want.module)
+            assert got.intersection.tolist() == want.intersection.tolist()
+            assert got.jaccard.fillna(-1).tolist() == pytest.approx(want.jaccard.fillna(-1).tolist())
+    summary = json.loads(results["overlap"].path("summary").read_text())
+    s = summary["set_difference"]
+    assert s["n_modules"] > 1 and 0 <= s["n_below"] <= s["n_modules"] and isinstance(s["beyond_noise"], bool)
+    total = table[(table.comparison == "finetuned") & (table.group == "set_difference") & (table.level == "total")]
+    assert s["jaccard_finetuned"] == pytest.approx(float(total.jaccard.iloc[0]))
+    assert "noise floor" in results["overlap"].path("markdown").read_text()
+
+
+def test_stats_compare_the_final_drift_and_follow_the_subsample_over_time(experiment):
+    _, _, results, _ = experiment
+    table = pd.read_csv(results["stats"].path("table"))
+    assert {("set_difference", "random_magnitude"), ("top_safety", "random")} <= set(zip(table.group, table.control))
+    assert (table.n_group > 1).all() and table.p_adjusted.between(0, 1).all()
+    verdict = json.loads(results["stats"].path("verdict").read_text())
+    assert verdict["verdict"] in ("H1", "H2", "inconclusive") and verdict["rule"]["margin"] == 0.147
+    assert verdict["primary"]["group"] == "set_difference" and verdict["primary"]["control"] == "random_magnitude"
+    over = pd.read_csv(results["stats"].path("over_time"))
+    for g, rows in over.groupby("group"):
+        assert rows.step.tolist() == [0, 2, 4], g
+        assert rows["median"].iloc[0] == 0 and (rows.q25 <= rows["median"]).all() and (rows["median"] <= rows.q75).all()
+    frozen = over[over.group == "set_difference"]  # frozen in `weights` mode: it never moves
+    assert (frozen[["median", "q25", "q75"]] == 0).all().all()
+
+
+def test_report_shows_both_experiments(experiment):
+    _, _, results, _ = experiment
+    folder = results["report"].folder
+    for name in ("report.md", "report.html", "report.txt", "results.json"):
+        assert (folder / name).is_file(), name
+    data = json.loads((folder / "results.json").read_text())
+    assert data["overlap"]["summary_table"] and data["statistics"]["verdict"]
+    assert not data["overlap"].get("missing") and not data["statistics"].get("missing")
+    verdict = json.loads(results["stats"].path("verdict").read_text())["verdict"]
+    assert verdict in (folder / "report.txt").read_text()
+
+
+def test_rerun_reuses_every_stage_and_sub_run(experiment):
+    sets, tmp, _, _ = experiment
+    logs: list[str] = []
+    results = run_settings(None, sets, tmp / "run", logs=logs)
+    assert all(r.reused for r in results.values())
+    assert sum("reusing" in line for line in logs if line.startswith("(noise)")) == 4  # data, 2 scores, groups
+    assert sum("reusing" in line for line in logs if line.startswith("(refit)")) == 4
+
+
+def test_bad_input_is_refused_before_any_work(experiment, tmp_path):
+    sets, tmp, _, _ = experiment
+    no_merge = [s for s in sets if not s.startswith("finetune.merge")] + ["finetune.merge=false"]
+    with pytest.raises(BrittleError, match="finetune.merge = true"):  # when the config loads
+        run_settings(None, no_merge, tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+    with pytest.raises(BrittleError, match="add the finetune stage"):
+        run_settings(None, [*sets, 'stages=["data", "scores", "groups", "stats"]'], tmp_path / "a")
+    with pytest.raises(BrittleError, match="noise floor needs others"):
+        run_settings(None, [*sets, "scores.nsamples=50", "overlap.finetuned=false", 'stages=["data", "scores", '
+                                                                                     '"groups", "overlap"]'],
+                     tmp_path / "b")
+    with pytest.raises(BrittleError, match="not among the run's groups"):
+        run_settings(None, [*sets, 'overlap.groups=["top_safety", "nope"]'], tmp / "run")  # before the sub-runs
+
+
+def test_report_command_on_a_run_and_on_an_empty_directory(experiment, tmp_path):
+    from typer.testing import CliRunner
+
+    from brittle.cli import app
+
+    _, tmp, _, _ = experiment
+    result = CliRunner().invoke(app, ["report", str(tmp / "run")])
+    assert result.exit_code == 0 and "report.html" in result.output
+    result = CliRunner().invoke(app, ["report", str(tmp_path)])  # nothing in it: a report that says so
+    assert result.exit_code == 0 and "No weight groups" in (tmp_path / "report" / "report.md").read_text()
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "nope")])
+    assert result.exit_code == 2 and "no such run directory" in result.output
