@@ -76,3 +76,16 @@ def test_shipped_ablation_config_reproduces_the_old_demo_settings():
     assert cfg.stages == ("data", "scores", "groups", "ablation") and cfg.model == "smollm2-135m-safe"
     assert cfg.ablation.sparsities == (0.0025, 0.005, 0.01, 0.02) and cfg.ablation.points()[0] == (0.0025, 0.0025)
     assert (cfg.scores.nsamples, cfg.scores.max_length, cfg.groups.p, cfg.groups.q) == (128, 256, 0.05, 0.05)
+
+
+@pytest.mark.parametrize("name", ["ablation", "experiment1", "experiment2", "llama2-7b-experiment1",
+                                  "llama2-7b-experiment2"])
+def test_every_shipped_config_loads_with_its_analyses(name):
+    cfg = load_config(shipped_config(name), [])
+    assert name in shipped_configs()
+    if name.endswith("experiment1"):  # overlap needs the merged, frozen fine-tuning
+        assert "overlap" in cfg.stages and cfg.finetune.freeze == "set_difference" and cfg.finetune.merge
+    if name.endswith("experiment2"):  # stats needs the drift of every group of the run, unconstrained
+        assert "stats" in cfg.stages and cfg.finetune.freeze is None and cfg.finetune.track is None
+    if name.startswith("llama2"):
+        assert (cfg.groups.p, cfg.groups.q, cfg.finetune.train.r, cfg.finetune.drift_every) == (0.1, 0.1, 8, 100)
