@@ -1,5 +1,7 @@
 """Experiment 1 (stage ``overlap``: noise floor and fine-tuned model as sub-runs) and Experiment 2 (stage
-``stats``) on a tiny model: their files, what the sub-runs score, reuse, and bad input."""
+``stats``) on a tiny model, in one run with two fine-tunings (``finetune.variants``: ``frozen`` with the set
+difference frozen and merged, for the overlap; ``free``, unconstrained, for the statistics): their files, what
+the sub-runs score, reuse, and bad input."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import json
 
 import pandas as pd
 import pytest
+from safetensors.torch import load_file as load_tensors
 
 from brittle.analysis import overlap
 from brittle.data.core import load_file, sample
@@ -16,13 +19,15 @@ from conftest import run_settings, tiny_run_settings
 from test_finetune_stage import TINY
 
 STAGES = 'stages=["data", "scores", "groups", "finetune", "overlap", "stats", "report"]'
+VARIANTS = 'finetune.variants={frozen = {freeze = "set_difference", merge = true}, free = {}}'
 
 
 @pytest.fixture(scope="module")
 def experiment(smol_tokenizer, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("exp")
-    sets = [*tiny_run_settings(smol_tokenizer, tmp, n_utility=8), STAGES, *TINY, "stats.n_boot=50",
-            "overlap.n_boot=50"]
+    base = [s for s in TINY if not s.startswith(("finetune.freeze=", "finetune.merge="))]
+    sets = [*tiny_run_settings(smol_tokenizer, tmp, n_utility=8), STAGES, *base, "stats.n_boot=50",
+            "overlap.n_boot=50", VARIANTS, 'overlap.finetune="frozen"', 'stats.finetune="free"']
     logs: list[str] = []
     return sets, tmp, run_settings(None, sets, tmp / "run", logs=logs), logs
 
@@ -39,7 +44,10 @@ def test_noise_floor_scores_other_examples_and_refit_scores_the_finetuned_model(
     mine = json.loads((run / "scores" / "safety-snip" / "manifest.json").read_text())
     assert refit["inputs"]["data"] == mine["inputs"]["data"]  # the run's own calibration set ...
     assert refit["inputs"]["model_weights"] != mine["inputs"]["model_weights"]  # ... on the fine-tuned weights
-    merged_weights = results["finetune"].folder / "merged"
+    merged_weights = results["finetune:frozen"].folder / "merged"
+    assert results["finetune:frozen"].folder == run / "finetune" / "frozen"
+    assert json.loads((run / "overlap" / "manifest.json").read_text())["outputs"]["finetune"] == "finetune/frozen"
+    assert json.loads((run / "stats" / "manifest.json").read_text())["outputs"]["finetune"] == "finetune/free"
     assert json.loads((run / "refit" / "config.toml").read_text().split("model = ")[1].split("\n")[0]) == str(merged_weights)
 
 
@@ -77,8 +85,10 @@ def test_stats_compare_the_final_drift_and_follow_the_subsample_over_time(experi
     for g, rows in over.groupby("group"):
         assert rows.step.tolist() == [0, 2, 4], g
         assert rows["median"].iloc[0] == 0 and (rows.q25 <= rows["median"]).all() and (rows["median"] <= rows.q75).all()
-    frozen = over[over.group == "set_difference"]  # frozen in `weights` mode: it never moves
-    assert (frozen[["median", "q25", "q75"]] == 0).all().all()
+    free = over[(over.group == "set_difference") & (over.step > 0)]  # the statistics read the unconstrained run
+    assert (free["median"] > 0).all()
+    frozen = load_tensors(str(results["finetune:frozen"].folder / "drift" / "samples.safetensors"))["set_difference"]
+    assert bool((frozen == 0).all())  # frozen in `weights` mode: it never moves
 
 
 def test_report_shows_both_experiments(experiment):
@@ -104,10 +114,16 @@ def test_rerun_reuses_every_stage_and_sub_run(experiment):
 
 def test_bad_input_is_refused_before_any_work(experiment, tmp_path):
     sets, tmp, _, _ = experiment
-    no_merge = [s for s in sets if not s.startswith("finetune.merge")] + ["finetune.merge=false"]
+    no_merge = [*sets, 'finetune.variants={frozen = {freeze = "set_difference"}, free = {}}']
     with pytest.raises(BrittleError, match="finetune.merge = true"):  # when the config loads
         run_settings(None, no_merge, tmp_path / "a")
     assert not (tmp_path / "a").exists()
+    with pytest.raises(BrittleError, match="2 fine-tunings"):
+        run_settings(None, [s for s in sets if not s.startswith("stats.finetune")], tmp_path / "a")  # which one?
+    with pytest.raises(BrittleError, match="no such fine-tuning"):
+        run_settings(None, [*sets, 'overlap.finetune="nope"'], tmp_path / "a")
+    with pytest.raises(BrittleError, match="variant 'free': freez"):
+        run_settings(None, [*sets, 'finetune.variants={free = {freez = 1}}'], tmp_path / "a")
     with pytest.raises(BrittleError, match="add the finetune stage"):
         run_settings(None, [*sets, 'stages=["data", "scores", "groups", "stats"]'], tmp_path / "a")
     with pytest.raises(BrittleError, match="noise floor needs others"):

@@ -364,9 +364,11 @@ def finetune_cmd(
     if run_set:  # the model's own set: the data stage builds it in this run
         options["data"] = {"sets": {run_set: run_set}}
     _, results = run_stages(out, ["data", "finetune"] if run_set else ["finetune"], options, force=force, sets=set_)
-    ft = results["finetune"]
-    typer.echo(f"fine-tuned: {ft.folder} (loss curve {ft.folder / 'loss.png'}"
-               + (f", drift {ft.folder / 'drift' / 'drift.parquet'}" if (ft.folder / "drift").is_dir() else "") + ")")
+    for key, ft in results.items():
+        if key.split(":")[0] == "finetune":
+            typer.echo(f"fine-tuned: {ft.folder} (loss curve {ft.folder / 'loss.png'}"
+                       + (f", drift {ft.folder / 'drift' / 'drift.parquet'}" if (ft.folder / "drift").is_dir() else "")
+                       + ")")
 
 
 @app.command("overlap")

@@ -150,6 +150,8 @@ class OverlapConfig(FrozenConfig):
     finetuned: bool = Field(True, description="Compare with the groups of the fine-tuned model (needs the "
                                               "finetune stage with merge = true or full = true).")
     n_boot: int = Field(2000, gt=0, description="Bootstrap resamples of the per-module Jaccard differences.")
+    finetune: str | None = Field(None, description="Which fine-tuning (a name of finetune.variants; default: the "
+                                                    "run's only one).")
 
 
 class StatsConfig(FrozenConfig):
@@ -165,6 +167,8 @@ class StatsConfig(FrozenConfig):
     n_boot: int = Field(1000, gt=0, description="Bootstrap resamples of each effect size.")
     margin: float = Field(0.147, gt=0, lt=1, description="Equivalence margin / H1 threshold on Cliff's delta.")
     alpha: float = Field(0.05, gt=0, lt=1, description="Significance level (Benjamini-Hochberg adjusted p).")
+    finetune: str | None = Field(None, description="Which fine-tuning's drift (a name of finetune.variants; "
+                                                    "default: the run's only one).")
 
 
 class ExperimentConfig(BaseSettings):
@@ -217,14 +221,32 @@ class ExperimentConfig(BaseSettings):
             missing = [s for s in ("data", "scores", "groups") if s not in self.stages]
             if missing:
                 raise ValueError(f"the overlap stage compares the run's groups: add the stages {', '.join(missing)}")
-            if self.overlap.finetuned and ("finetune" not in self.stages
-                                           or not (self.finetune.merge or self.finetune.full)):
-                raise ValueError("overlap.finetuned needs the finetune stage with finetune.merge = true (or "
-                                 "finetune.full = true); or set overlap.finetuned = false")
-        if "stats" in self.stages and ("finetune" not in self.stages or self.finetune.track == []):
-            raise ValueError("the stats stage compares the drift of tracked groups: add the finetune stage (with "
-                             "finetune.track naming the groups, or its default: the run's groups)")
+            if self.overlap.finetuned:
+                if "finetune" not in self.stages:
+                    raise ValueError("overlap.finetuned needs the finetune stage (with merge = true), or set "
+                                     "overlap.finetuned = false")
+                job = self.finetune.jobs()[self.finetune_job_name(self.overlap.finetune, "overlap.finetune")]
+                if not (job.merge or job.full):
+                    raise ValueError("overlap.finetuned needs a fine-tuning with finetune.merge = true (or full = "
+                                     "true): the overlap re-scores the merged model; or set overlap.finetuned = false")
+        if "stats" in self.stages:
+            if "finetune" not in self.stages:
+                raise ValueError("the stats stage compares the drift of tracked groups: add the finetune stage (with "
+                                 "finetune.track naming the groups, or its default: the run's groups)")
+            if self.finetune.jobs()[self.finetune_job_name(self.stats.finetune, "stats.finetune")].track == []:
+                raise ValueError("the stats stage needs tracked groups: the fine-tuning it reads has track = []")
         return self
+
+    def finetune_job_name(self, name: str | None, what: str) -> str:
+        """The variant an analysis reads (``""`` = the only fine-tuning, without variants); errors name ``what``."""
+        jobs = self.finetune.jobs()
+        if name is None:
+            if len(jobs) > 1:
+                raise ValueError(f"{what}: the run has {len(jobs)} fine-tunings ({', '.join(jobs)}); name one")
+            return next(iter(jobs))
+        if name not in jobs:
+            raise ValueError(f"{what} = '{name}': no such fine-tuning (finetune.variants: {', '.join(jobs) or 'none'})")
+        return name
 
     def eval_config(self, section: EvalConfig) -> EvalConfig:
         """An evaluation section with the experiment's seed."""

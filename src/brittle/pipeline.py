@@ -286,14 +286,30 @@ def _load_run_group(path: Path, fingerprint: str, what: str) -> dict[str, Any]:
     return group
 
 
-def finetune_stage(ctx: RunContext, cfg: ExperimentConfig) -> StageResult:
-    """Stage ``finetune``: fine-tune a copy of the run's model (see :mod:`brittle.finetune.job`)."""
+def finetune_key(name: str) -> str:
+    """The name under which a fine-tuning's result is kept in ``ctx.results`` (``finetune`` or
+    ``finetune:<variant>``); its folder is ``finetune/`` or ``finetune/<variant>/``."""
+    return f"finetune:{name}" if name else "finetune"
+
+
+def finetune_stage(ctx: RunContext, cfg: ExperimentConfig) -> dict[str, StageResult]:
+    """Stage ``finetune``: each fine-tuning of ``finetune`` (one, or one per variant), in the order given."""
+    return {name: _finetune_job(ctx, cfg, name, job) for name, job in cfg.finetune.jobs().items()}
+
+
+def _selected_finetune(ctx: RunContext, cfg: ExperimentConfig, name: str | None, what: str) -> StageResult | None:
+    """The result of the fine-tuning an analysis names (``None``: the only one of the run)."""
+    key = finetune_key(cfg.finetune_job_name(name, what))
+    return ctx.results.get(key)
+
+
+def _finetune_job(ctx: RunContext, cfg: ExperimentConfig, name: str, ft) -> StageResult:
+    """One fine-tuning: a copy of the run's model (see :mod:`brittle.finetune.job`) into ``finetune[/<name>]``."""
     import copy
     import shutil
 
     from .finetune import finetune_examples, run_finetune
 
-    ft = cfg.finetune
     model, tok, fingerprint = run_model(ctx, cfg)
     groups = ctx.results.get("groups")
     data = ctx.results.get("data")
@@ -309,16 +325,18 @@ def finetune_stage(ctx: RunContext, cfg: ExperimentConfig) -> StageResult:
     track = {n: _load_run_group(p, fingerprint, "finetune.track") for n, p in track_files.items()}
     if ft.full and ft.freeze_mode in ("weights", "rows") and freeze:
         raise BrittleError(f"finetune.freeze_mode = {ft.freeze_mode} is for LoRA; with full = true use full-masked or rewind")
-    settings = {"seed": cfg.seed, **ft.to_dict()}
+    settings = {"seed": cfg.seed, **({"name": name} if name else {}), **ft.model_dump(exclude={"variants"})}
     inputs = {"model_weights": fingerprint, "data": data_record["sha256"],
               "freeze": {n: sha256_file(p) for n, p in freeze_file.items()},
               "track": {n: sha256_file(p) for n, p in track_files.items()}}
-    checkpoints = ctx.out / "checkpoints" / "finetune"
+    checkpoints = ctx.out / "checkpoints" / "finetune" / name if name else ctx.out / "checkpoints" / "finetune"
+    folder = ctx.out / "finetune" / name if name else ctx.out / "finetune"
+    tag = f"[finetune{':' + name if name else ''}]"
     if ctx.force and checkpoints.exists():
         shutil.rmtree(checkpoints)  # --force: start over rather than resume another setup's training
 
     def produce(folder: Path) -> dict[str, Any]:
-        ctx.log(f"[finetune] data {ft.data}: {data_record['n']} examples"
+        ctx.log(f"{tag} data {ft.data}: {data_record['n']} examples"
                 + (f" ({data_record['excluded']} left out: the evaluation uses them)" if data_record["excluded"] else ""))
         work = copy.deepcopy(model)  # the run's model stays as loaded for the stages after this one
         outputs = run_finetune(work, tok, examples, ft, folder, train_config=ft.train.model_copy(update={"seed": cfg.seed}),
@@ -327,12 +345,15 @@ def finetune_stage(ctx: RunContext, cfg: ExperimentConfig) -> StageResult:
         del work
         shutil.rmtree(checkpoints, ignore_errors=True)
         for when, figures in outputs.get("evaluation", {}).items():
-            ctx.log(f"[finetune] {when}: " + ", ".join(f"{k} {v:.3g}" for k, v in figures.items()
+            ctx.log(f"{tag} {when}: " + ", ".join(f"{k} {v:.3g}" for k, v in figures.items()
                                                       if k in ("refusal", "asr", "perplexity", "accuracy_mean")
                                                       and v is not None))
         return {**outputs, "data": data_record}
 
-    return run_stage(ctx, "finetune", ctx.out / "finetune", settings, inputs, produce)
+    result = run_stage(ctx, "finetune", folder, settings, inputs, produce)
+    if name:  # run_stage files it under the stage's name; a variant is found under its own key
+        ctx.results[finetune_key(name)] = ctx.results.pop("finetune")
+    return result
 
 
 def _subrun(ctx: RunContext, cfg: ExperimentConfig, name: str, model: str, sets: dict[str, Path],
@@ -384,7 +405,7 @@ def overlap_stage(ctx: RunContext, cfg: ExperimentConfig) -> StageResult:
     if missing:
         raise BrittleError(f"overlap.groups: {', '.join(missing)} not among the run's groups "
                            f"({', '.join(_run_group_files(groups))})")
-    ft = ctx.results.get("finetune")
+    ft = _selected_finetune(ctx, cfg, ov.finetune, "overlap.finetune") if ov.finetuned else None
     merged = ft.outputs.get("files", {}).get("merged") if ft is not None else None
     if ov.finetuned and merged is None:
         raise BrittleError("overlap.finetuned needs the finetune stage in the same run with finetune.merge = true "
@@ -442,7 +463,8 @@ def overlap_stage(ctx: RunContext, cfg: ExperimentConfig) -> StageResult:
         write_json(folder / "summary.json", summary)
         ctx.log(head)
         return {**file_outputs(folder, {"table": "overlap.csv", "markdown": "overlap.md", "summary": "summary.json"}),
-                "comparisons": list(others)}
+                "comparisons": list(others),
+                **({"finetune": ft.folder.relative_to(ctx.out).as_posix()} if ft is not None else {})}
 
     return run_stage(ctx, "overlap", ctx.out / "overlap", {"seed": cfg.seed, **ov.to_dict()}, inputs, produce)
 
@@ -473,7 +495,7 @@ def stats_stage(ctx: RunContext, cfg: ExperimentConfig) -> StageResult:
     from .analysis import PRIMARY, compare_groups, load_group_drift, verdict
 
     st = cfg.stats
-    ft = ctx.results.get("finetune")
+    ft = _selected_finetune(ctx, cfg, st.finetune, "stats.finetune")
     files = ft.outputs.get("files", {}) if ft is not None else {}
     finals = {k.removeprefix("drift:final:"): ft.folder / v for k, v in files.items() if k.startswith("drift:final:")}
     if not finals:
@@ -518,7 +540,7 @@ def stats_stage(ctx: RunContext, cfg: ExperimentConfig) -> StageResult:
                         rows.append({"step": step, "group": g, "n": v.numel(), **q})
             pd.DataFrame(rows).to_csv(folder / "over_time.csv", index=False)
             outputs.update(file_outputs(folder, {"over_time": "over_time.csv"}))
-        return {**outputs, "outcome": record["verdict"]}
+        return {**outputs, "outcome": record["verdict"], "finetune": ft.folder.relative_to(ctx.out).as_posix()}
 
     return run_stage(ctx, "stats", ctx.out / "stats", {"seed": cfg.seed, **st.to_dict()}, inputs, produce)
 

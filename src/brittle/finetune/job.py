@@ -22,12 +22,13 @@ Files in the stage folder::
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from ..data.core import DataError, Example, load_file, sample
 from ..evaluation.config import EvalConfig, SweepEvalConfig
@@ -71,6 +72,40 @@ class FinetuneConfig(FrozenConfig):
     merge: bool = Field(False, description="Also write the merged model (fp32 HF directory) to merged/.")
     evaluate: bool = Field(True, description="Evaluate before and after fine-tuning (the light suite of `eval`).")
     eval: SweepEvalConfig = SweepEvalConfig()
+    variants: dict[str, dict[str, Any]] = Field(default_factory=dict, description=(
+        "Several fine-tunings in one run: name -> the keys of this section that differ (e.g. {frozen = {freeze = "
+        "\"set_difference\", merge = true}, free = {}}); each writes finetune/<name>/. Empty: one, in finetune/."))
+
+    @field_validator("variants")
+    @classmethod
+    def _check_variants(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for name, keys in v.items():
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+                raise ValueError(f"variant name '{name}': use letters, digits, '_', '-' or '.' (it names a folder)")
+            if "variants" in keys:
+                raise ValueError(f"variant '{name}' cannot have variants of its own")
+        return v
+
+    @model_validator(mode="after")
+    def _variants_validate(self) -> FinetuneConfig:
+        self.jobs()  # every variant is a valid section: its errors show when the config loads
+        return self
+
+    def jobs(self) -> dict[str, FinetuneConfig]:
+        """The fine-tunings this section asks for: ``{"": self}`` without variants, else name -> this section with the
+        variant's keys changed (nested sections merged key by key; only keys given in the file are inherited, so
+        a variant with ``data = "attack"`` gets the attack's own defaults)."""
+        if not self.variants:
+            return {"": self}
+        base = self.model_dump(exclude_unset=True, exclude={"variants"})
+        out = {}
+        for name, keys in self.variants.items():
+            try:
+                out[name] = FinetuneConfig.model_validate(_deep_update(base, keys))
+            except ValidationError as e:
+                problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+                raise ValueError(f"variant '{name}': {problems}") from None
+        return out
 
     @model_validator(mode="before")
     @classmethod
@@ -84,6 +119,14 @@ class FinetuneConfig(FrozenConfig):
                 train["epochs"] = ATTACK_DEFAULTS["epochs"]
             data["train"] = train
         return data
+
+
+def _deep_update(base: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``patch``'s keys, nested mappings merged key by key."""
+    out = dict(base)
+    for k, v in patch.items():
+        out[k] = _deep_update(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
