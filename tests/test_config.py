@@ -78,7 +78,7 @@ def test_shipped_ablation_config_reproduces_the_old_demo_settings():
     assert (cfg.scores.nsamples, cfg.scores.max_length, cfg.groups.p, cfg.groups.q) == (128, 256, 0.05, 0.05)
 
 
-@pytest.mark.parametrize("name", ["ablation", "experiment1", "experiment2", "llama2-7b-experiment1",
+@pytest.mark.parametrize("name", ["ablation", "demo", "experiment1", "experiment2", "llama2-7b-experiment1",
                                   "llama2-7b-experiment2"])
 def test_every_shipped_config_loads_with_its_analyses(name):
     cfg = load_config(shipped_config(name), [])
@@ -87,5 +87,10 @@ def test_every_shipped_config_loads_with_its_analyses(name):
         assert "overlap" in cfg.stages and cfg.finetune.freeze == "set_difference" and cfg.finetune.merge
     if name.endswith("experiment2"):  # stats needs the drift of every group of the run, unconstrained
         assert "stats" in cfg.stages and cfg.finetune.freeze is None and cfg.finetune.track is None
+    if name == "demo":  # both experiments in one run: two fine-tunings sharing data, scores and groups
+        jobs = cfg.finetune.jobs()
+        assert {"ablation", "overlap", "stats", "report"} <= set(cfg.stages) and set(jobs) == {"frozen", "free"}
+        assert jobs["frozen"].merge and jobs["free"].freeze is None
+        assert (cfg.overlap.finetune, cfg.stats.finetune) == ("frozen", "free")
     if name.startswith("llama2"):
         assert (cfg.groups.p, cfg.groups.q, cfg.finetune.train.r, cfg.finetune.drift_every) == (0.1, 0.1, 8, 100)

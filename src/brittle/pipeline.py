@@ -512,7 +512,7 @@ def stats_stage(ctx: RunContext, cfg: ExperimentConfig) -> StageResult:
         modules = sorted(set(last[last["adapted"]]["module"]))
         groups = {g: load_group_drift(p) for g, p in finals.items()}
         table = compare_groups(groups, modules, pairs=st.pairs, metrics=st.metrics, max_n=st.max_n,
-                               n_boot=st.n_boot, seed=cfg.seed)
+                               n_boot=st.n_boot, seed=cfg.seed, progress=ctx.progress)
         table.to_csv(folder / "comparisons.csv", index=False)
         primary = table[(table["group"] == PRIMARY[0]) & (table["control"] == PRIMARY[1])
                         & (table["metric"] == PRIMARY[2]) & (table["type"] == "all")]

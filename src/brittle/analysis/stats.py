@@ -109,6 +109,52 @@ def _effects(x: np.ndarray, y: np.ndarray, u: float | None = None) -> dict[str, 
             "cliffs_delta": cliffs_delta(x, y, u), "cohens_d": cohens_d(x, y)}
 
 
+class _Resampler:
+    """Bootstrap resamples of ``x`` and ``y`` as multiplicity counts over the sorted values, so that each
+    resample's effects cost O(n) (a cumulative sum and look-ups) instead of a sort: resampling uniformly from the
+    sorted array is resampling from the original one. ``effects(cx, cy)`` equals :func:`_effects` of the
+    resampled arrays ``np.repeat(xs, cx)``, ``np.repeat(ys, cy)`` (tested)."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray):
+        self.xs, self.ys = np.sort(x), np.sort(y)
+        self.left = np.searchsorted(self.ys, self.xs, "left")  # per x value: how many y are below / not above it
+        self.right = np.searchsorted(self.ys, self.xs, "right")
+
+    def _median(self, values: np.ndarray, counts: np.ndarray) -> float:
+        cum, n = np.cumsum(counts), int(counts.sum())
+        lo, hi = np.searchsorted(cum, [(n + 1) // 2, n // 2 + 1])  # the 1-based middle order statistics
+        return float((values[lo] + values[hi]) / 2)
+
+    @staticmethod
+    def _moments(values: np.ndarray, counts: np.ndarray) -> tuple[float, float, int]:
+        n = int(counts.sum())
+        mean = float(counts @ values) / n
+        var = float(counts @ (values - mean) ** 2) / (n - 1)
+        return mean, var, n
+
+    def effects(self, cx: np.ndarray, cy: np.ndarray) -> dict[str, float]:
+        (mx, vx, nx), (my, vy, ny) = self._moments(self.xs, cx), self._moments(self.ys, cy)
+        below = np.concatenate([[0], np.cumsum(cy)])  # below[k] = resampled y among the k smallest values
+        u = float(cx @ (below[self.left] + 0.5 * (below[self.right] - below[self.left])))
+        pooled = np.sqrt(((nx - 1) * vx + (ny - 1) * vy) / (nx + ny - 2))
+        return {"median_diff": self._median(self.xs, cx) - self._median(self.ys, cy), "mean_diff": mx - my,
+                "cliffs_delta": 2 * u / (nx * ny) - 1, "cohens_d": (mx - my) / pooled if pooled > 0 else float("nan")}
+
+
+def bootstrap_effects(x: np.ndarray, y: np.ndarray, *, n_boot: int, seed: int) -> dict[str, np.ndarray]:
+    """``n_boot`` percentile-bootstrap replicates of each effect of :func:`_effects`: ``x`` and ``y`` resampled
+    with replacement, independently (seeded)."""
+    rng = np.random.default_rng(seed)
+    r = _Resampler(np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64))
+    boots = {k: np.empty(n_boot) for k in ("median_diff", "mean_diff", "cliffs_delta", "cohens_d")}
+    for i in range(n_boot):
+        cx = np.bincount(rng.integers(0, len(x), len(x)), minlength=len(x))
+        cy = np.bincount(rng.integers(0, len(y), len(y)), minlength=len(y))
+        for k, v in r.effects(cx, cy).items():
+            boots[k][i] = v
+    return boots
+
+
 def compare(x: np.ndarray, y: np.ndarray, *, n_boot: int = 1000, seed: int = 0) -> dict[str, float]:
     """Effect sizes of ``x`` (group) against ``y`` (control), their 95 % bootstrap intervals and the Mann-Whitney
     p-value (see the module docstring); ``x`` and ``y`` are already subsampled."""
@@ -119,12 +165,7 @@ def compare(x: np.ndarray, y: np.ndarray, *, n_boot: int = 1000, seed: int = 0) 
     out: dict[str, float] = {"n_group": len(x), "n_control": len(y), "median_group": float(np.median(x)),
                              "median_control": float(np.median(y)), **_effects(x, y, test.statistic)}
     out["p_value"] = float(test.pvalue)
-    rng = np.random.default_rng(seed)
-    boots = {k: np.empty(n_boot) for k in ("median_diff", "mean_diff", "cliffs_delta", "cohens_d")}
-    for i in range(n_boot):
-        e = _effects(x[rng.integers(0, len(x), len(x))], y[rng.integers(0, len(y), len(y))])
-        for k in boots:
-            boots[k][i] = e[k]
+    boots = bootstrap_effects(x, y, n_boot=n_boot, seed=seed)
     for k, v in boots.items():
         lo, hi = np.nanpercentile(v, [2.5, 97.5])
         out[f"{k}_ci_low"], out[f"{k}_ci_high"] = float(lo), float(hi)
@@ -135,7 +176,8 @@ def compare_groups(groups: Mapping[str, GroupDrift], modules: Sequence[str], *,
                    pairs: Sequence[tuple[str, str]] = (("set_difference", "random_magnitude"),
                                                        ("set_difference", "random"), ("set_difference", "top_utility"),
                                                        ("top_safety", "random_magnitude"), ("top_safety", "random")),
-                   metrics: Sequence[str] = METRICS, max_n: int = 20000, n_boot: int = 1000, seed: int = 0):
+                   metrics: Sequence[str] = METRICS, max_n: int = 20000, n_boot: int = 1000, seed: int = 0,
+                   progress: bool = False):
     """Every (group, control, metric) comparison over ``modules`` (the modules the fine-tuning could change),
     pooled (``type = "all"``) and per module type; pairs whose groups are missing are skipped. Returns a pandas
     DataFrame with :func:`compare`'s columns plus ``group, control, metric, type`` and ``p_adjusted``
@@ -145,19 +187,19 @@ def compare_groups(groups: Mapping[str, GroupDrift], modules: Sequence[str], *,
 
     types = sorted({m.split(".", 2)[2] if m.count(".") >= 2 else m for m in modules})
     strata = [("all", list(modules))] + [(t, [m for m in modules if m.endswith(f".{t}")]) for t in types]
+    from tqdm.auto import tqdm
+
     rows = []
-    for g, c in pairs:
-        if g not in groups or c not in groups:
+    todo = [(g, c, metric, k, stratum, mods) for g, c in pairs if g in groups and c in groups
+            for metric in metrics for k, (stratum, mods) in enumerate(strata)]
+    for g, c, metric, k, stratum, mods in tqdm(todo, desc="comparisons", unit="comparison", disable=not progress):
+        mods = [m for m in mods if m in groups[g].delta and m in groups[c].delta]
+        x = subsample(groups[g].values(metric, mods), max_n, seed + 1)
+        y = subsample(groups[c].values(metric, mods), max_n, seed + 2)
+        if len(x) < 2 or len(y) < 2:
             continue
-        for metric in metrics:
-            for k, (stratum, mods) in enumerate(strata):
-                mods = [m for m in mods if m in groups[g].delta and m in groups[c].delta]
-                x = subsample(groups[g].values(metric, mods), max_n, seed + 1)
-                y = subsample(groups[c].values(metric, mods), max_n, seed + 2)
-                if len(x) < 2 or len(y) < 2:
-                    continue
-                rows.append({"group": g, "control": c, "metric": metric, "type": stratum,
-                             **compare(x, y, n_boot=n_boot, seed=seed + k)})
+        rows.append({"group": g, "control": c, "metric": metric, "type": stratum,
+                     **compare(x, y, n_boot=n_boot, seed=seed + k)})
     table = pd.DataFrame(rows)
     if len(table):
         table["p_adjusted"] = false_discovery_control(table["p_value"].clip(lower=1e-300), method="bh")
