@@ -90,20 +90,22 @@ def _summary(refusal: float, asr: float, ppl: float) -> dict:
             "accuracy_detail": {"arc_easy": {"acc": 0.6, "n": 5}}}
 
 
-def write_finetune(run: Path, *, eval_=True, drift=True, samples=True, final=True) -> None:
-    ft = run / "finetune"
-    _manifest(ft, "finetune", {"seed": 0, "data": "reference", "n_examples": None,
+def write_finetune(run: Path, *, eval_=True, drift=True, samples=True, final=True, name: str = "",
+                   freeze: str | None = "set_difference", after_refusal: float = 0.35, loss_slope: float = 0.0625) -> None:
+    """One fine-tuning: ``finetune/`` or, with ``name``, the variant ``finetune/<name>/``."""
+    ft = run / "finetune" / name if name else run / "finetune"
+    _manifest(ft, "finetune", {"seed": 0, **({"name": name} if name else {}), "data": "reference", "n_examples": None,
                                "train": {"r": 8, "alpha": 16, "dropout": 0.0, "targets": ["all"], "lr": 1e-4,
                                          "batch_size": 4, "epochs": 1, "max_steps": 20, "max_length": 256, "seed": 0,
                                          "warmup_steps": 0, "schedule": "constant", "grad_accumulation": 1},
-                               "full": False, "freeze": "set_difference", "freeze_mode": "weights",
+                               "full": False, "freeze": freeze, "freeze_mode": "weights",
                                "track": ["groups"], "drift_every": 10},
               {"train": {"steps": 20, "seconds": 33.3, "first_loss": 3.5, "final_loss": 2.25},
                "data": {"data": "reference", "n": 40}})
     steps = np.arange(1, 21)
-    pd.DataFrame({"step": steps, "loss": 3.5 - steps * 0.0625, "lr": 1e-4}).to_csv(ft / "loss.csv", index=False)
+    pd.DataFrame({"step": steps, "loss": 3.5 - steps * loss_slope, "lr": 1e-4}).to_csv(ft / "loss.csv", index=False)
     if eval_:
-        after = _summary(0.35, 0.55, 12.25) | {"degenerate_reasons": {"vanilla_nosys": {"empty": 0.0, "looping": 0.05}}}
+        after = _summary(after_refusal, 0.55, 12.25) | {"degenerate_reasons": {"vanilla_nosys": {"empty": 0.0, "looping": 0.05}}}
         for side, s in (("before", _summary(1.0, 0.0, 29.5)), ("after", after)):
             (ft / "eval" / side).mkdir(parents=True)
             (ft / "eval" / side / "summary.json").write_text(json.dumps(s), encoding="utf-8")
@@ -150,8 +152,11 @@ COMPARISON_COLS = ["group", "control", "metric", "type", "n_group", "n_control",
                    "cliffs_delta_ci_high", "cohens_d_ci_low", "cohens_d_ci_high", "p_adjusted"]
 
 
-def write_stats(run: Path, verdict: bool = True) -> None:
+def write_stats(run: Path, verdict: bool = True, finetune: str | None = None) -> None:
+    """``stats/``; with ``finetune``, also its manifest naming the analysed fine-tuning folder."""
     (run / "stats").mkdir()
+    if finetune is not None:
+        _manifest(run / "stats", "stats", {"seed": 0}, {"finetune": finetune})
     rng = np.random.default_rng(2)
     rows = []
     for t in ("q", "all", "v"):  # 'all' not first on purpose: the report puts it first
@@ -173,12 +178,17 @@ def write_stats(run: Path, verdict: bool = True) -> None:
             "primary": primary}), encoding="utf-8")
 
 
-def write_overlap(run: Path) -> None:
+def write_overlap(run: Path, finetune: str | None = None, layers: bool = True) -> None:
+    """``overlap/``; with ``finetune``, also its manifest naming the re-scored fine-tuning folder; without
+    ``layers``, no per-layer rows (no heatmaps: faster)."""
     (run / "overlap").mkdir()
+    if finetune is not None:
+        _manifest(run / "overlap", "overlap", {"seed": 0}, {"comparisons": ["noise_floor", "finetuned"],
+                                                            "finetune": finetune})
     rows = []
     for comp, base in (("noise_floor", 0.9), ("finetuned", 0.6)):
         for k, g in enumerate(("top_safety", "top_utility", "set_difference")):
-            for unit in ("all", "*.q", "*.v", "layers.0", "layers.1", "layers.0.q"):
+            for unit in ("all", "*.q", "*.v", "layers.0", "layers.1", "layers.0.q")[: None if layers else 3]:
                 j = base - 0.05 * k - (0.01 if unit != "all" else 0.0)
                 rows.append({"comparison": comp, "group": g, "unit": unit, "size_a": 100, "size_b": 104,
                              "intersection": 80, "share_a": 0.8, "share_b": 0.7692, "jaccard": j,
@@ -330,6 +340,96 @@ def test_broken_file_is_a_missing_line(tmp_path):
     assert results["drift"]["over_training"]["source"] == "finetune/drift/drift.parquet"  # the fallback
     assert results["drift"]["final"]["by_group"]  # the rest of the drift section is still there
     check_numbers_shown(tmp_path / "out")
+
+
+VARIANTS_CONFIG = ('model = "tiny-test-model"\nseed = 0\ndtype = "float32"\n\n[finetune]\ndata = "reference"\n\n'
+                   '[finetune.variants.frozen]\nfreeze = "set_difference"\n\n[finetune.variants.free]\n')
+
+
+def variants_run(tmp_path: Path) -> Path:
+    """Two fine-tunings: ``frozen`` (set difference frozen, no drift) and ``free`` (drift); stats of free,
+    overlap re-scored frozen."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text(VARIANTS_CONFIG, encoding="utf-8")
+    write_groups(run)
+    write_finetune(run, name="frozen", drift=False, after_refusal=0.85, loss_slope=0.05)
+    write_finetune(run, name="free", freeze=None)
+    write_stats(run, finetune="finetune/free")
+    write_overlap(run, finetune="finetune/frozen", layers=False)
+    return run
+
+
+def test_several_finetunes(tmp_path):
+    run = variants_run(tmp_path)
+    out = tmp_path / "report"
+    files = build_report(run, out)
+    md = files["md"].read_text(encoding="utf-8")
+    results = json.loads(files["json"].read_text(encoding="utf-8"))
+    assert results["missing"] == ["No ablation in this run (no ablation/ablation.csv)"]
+    check_numbers_shown(out)
+    imgs = check_html_self_contained(files["html"])
+    figs = {k.split(":", 1)[1] for k in files if k.startswith("figure:")}
+    assert figs == {"loss", "before_after_frozen", "before_after_free", "drift_over_training", "final_drift", "overlap"}
+    assert len(imgs) == len(figs)
+    captions = re.findall(r"^\*(.+)\*$", md, re.M)
+    assert captions and all("tiny-test-model" in c and "seed 0" in c and "; data: " in c and "; n: " in c for c in captions)
+    # both fine-tunings, in the config's order, each with its own subsection; the comparison table first
+    ft = results["finetune"]
+    assert list(ft["runs"]) == ["frozen", "free"] and [c["name"] for c in ft["comparison"]] == ["frozen", "free"]
+    assert ft["runs"]["free"]["folder"] == "finetune/free" and ft["runs"]["frozen"]["settings"]["freeze"] == "set_difference"
+    comp = {c["name"]: c for c in ft["comparison"]}
+    assert comp["frozen"]["freeze"] == "set_difference" and comp["frozen"]["freeze_mode"] == "weights"
+    assert comp["free"]["freeze"] is None and comp["free"]["steps"] == 20
+    assert set(comp["free"]["metrics"]) == {"refusal", "asr", "degenerate", "perplexity", "accuracy_mean"}
+    assert comp["frozen"]["metrics"]["refusal"]["after_value"] == 0.85
+    assert comp["free"]["metrics"]["refusal"]["after_value"] == 0.35
+    assert comp["free"]["metrics"]["refusal"]["after_ci95_low"] is not None
+    assert md.index("Fine-tunings compared") < md.index("### 4.1 Fine-tuning `frozen` (finetune/frozen/)") \
+        < md.index("### 4.2 Fine-tuning `free` (finetune/free/)")
+    assert "set_difference (weights)" in md and "Settings (finetune/free/manifest.json)" in md
+    # drift and statistics of free (stats' manifest), overlap of frozen (overlap's manifest)
+    assert results["drift"]["finetune"] == "free" and results["drift"]["folder"] == "finetune/free"
+    assert results["drift"]["over_training"]["source"] == "finetune/free/drift/samples.safetensors"
+    assert "Drift of the fine-tuning `free` (finetune/free/): the fine-tuning the stats stage analysed" in md
+    assert "Not shown: the fine-tuning `frozen` (finetune/frozen/), which has no drift/ folder." in md
+    assert results["statistics"]["finetune"] == "free" and "Statistics of the fine-tuning `free`" in md
+    assert results["overlap"]["finetune"] == "finetune/frozen" and results["overlap"]["finetune_name"] == "frozen"
+    assert "re-scored the merged model of the fine-tuning `frozen` (finetune/frozen/)" in md
+    # the stage table lists both fine-tunings
+    assert {s["folder"] for s in results["run"]["stages"]} >= {"finetune/frozen", "finetune/free"}
+    txt = files["txt"].read_text(encoding="utf-8")
+    assert "Fine-tuning frozen (finetune/frozen)" in txt and "Fine-tuning free (finetune/free):" in txt
+    assert "VERDICT: H2" in txt
+
+
+def test_several_finetunes_without_stats(tmp_path):
+    """No stats stage: every fine-tuning with drift gets its own drift subsection; an unfinished variant is named;
+    a re-rendering removes the figures of the earlier one that no longer apply."""
+    run = tmp_path / "run"
+    run.mkdir()
+    write_finetune(run, name="b", drift=True, samples=False, final=False, eval_=False)
+    write_finetune(run, name="a", drift=True, final=False, eval_=False)
+    (run / "finetune" / "c.partial").mkdir()
+    out = tmp_path / "out"
+    (out).mkdir()
+    (out / "before_after_old.png").write_bytes(b"stale")
+    files = build_report(run, out)
+    results = json.loads(files["json"].read_text(encoding="utf-8"))
+    assert list(results["finetune"]["runs"]) == ["a", "b"]  # no config: creation time, then name
+    assert "Unfinished fine-tuning(s) (no manifest yet): finetune/c.partial" in results["missing"]
+    d = results["drift"]
+    assert list(d["runs"]) == ["a", "b"] and d["chosen_by"] == "every fine-tuning with a drift/ folder"
+    assert d["runs"]["b"]["over_training"]["source"] == "finetune/b/drift/drift.parquet"
+    assert d["runs"]["a"]["over_training"]["source"] == "finetune/a/drift/samples.safetensors"
+    assert "No final drift per entry (no finetune/a/drift/final/<group>.safetensors)" in d["runs"]["a"]["missing"]
+    figs = {k.split(":", 1)[1] for k in files if k.startswith("figure:")}
+    assert figs == {"loss", "drift_over_training_a", "drift_over_training_b"}
+    assert not (out / "before_after_old.png").exists()
+    md = files["md"].read_text(encoding="utf-8")
+    assert "### 5.1 Drift of the fine-tuning `a` (finetune/a/)" in md and "### 5.2 Drift of the fine-tuning `b`" in md
+    check_numbers_shown(out)
+    check_html_self_contained(files["html"])
 
 
 def test_fmt():

@@ -4,7 +4,11 @@
 ``build_report(run_dir, out_dir=None)`` reads only what the run directory holds (see
 :mod:`brittle.report.collect` for the files and columns); a missing part is left out with a line saying what is
 missing, never an error. Sections: run, groups, ablation, fine-tuning, drift, statistics (Experiment 2), overlap
-(Experiment 1).
+(Experiment 1). A run with several fine-tunings (``finetune/<name>/``) gets a comparison table, one loss figure
+with a line per fine-tuning and a subsection per fine-tuning (figures ``before_after_<name>``); drift and
+statistics are of the fine-tuning the stats stage analysed (else one subsection per fine-tuning with drift,
+figures ``drift_over_training_<name>``, ``final_drift_<name>``); see :mod:`brittle.report.collect` for
+``results.json``.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from .fmt import clean, fmt, number_tokens, numbers
 
 FIGURE_NAMES = ("ablation", "loss", "before_after", "drift_over_training", "final_drift", "overlap",
                 "overlap_layers_finetuned", "overlap_layers_noise_floor")
+# with several fine-tunings: <prefix>_<fine-tuning name>.png
+PER_FINETUNE_FIGURES = ("before_after", "drift_over_training", "final_drift")
 
 
 def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, Path]:
@@ -49,9 +55,12 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict
         files[name] = path.name
         pngs[name] = data
         written[f"figure:{name}"] = path
-    for stale in FIGURE_NAMES:  # figures of an earlier rendering that this run no longer has
-        if stale not in files and (out / f"{stale}.png").is_file():
-            (out / f"{stale}.png").unlink()
+    stale_files = [out / f"{name}.png" for name in FIGURE_NAMES]
+    for prefix in PER_FINETUNE_FIGURES:
+        stale_files += sorted(out.glob(f"{prefix}_*.png"))
+    for path in stale_files:  # figures of an earlier rendering that this run no longer has
+        if path.stem not in files and path.is_file():
+            path.unlink()
     title = f"brittle report: {run.results.get('run', {}).get('run_dir', run_dir)}"
     md = render_markdown(blocks, files)
     (out / "report.md").write_text(md, encoding="utf-8")

@@ -13,18 +13,48 @@ Inputs (relative to the run directory; every stage folder holds a ``manifest.jso
   asr_ci95_high, degenerate, refusal, over_refusal, degenerate_benign, perplexity, accuracy_mean, n_harmful``,
   optionally ``degenerate_empty, degenerate_lone_opening, degenerate_looping, degenerate_gibberish,
   degenerate_other``) and ``ablation/manifest.json`` (``config.eval``: the evaluation's sizes);
-* ``finetune/manifest.json``, ``finetune/loss.csv`` (``step, loss, lr``), ``finetune/eval/{before,after}/summary.json``;
-* ``finetune/drift/drift.parquet`` (one row per step, group, module), ``finetune/drift/samples.safetensors``
+* per fine-tuning (folder ``F`` below, see "Several fine-tunings"): ``F/manifest.json``, ``F/loss.csv``
+  (``step, loss, lr``), ``F/eval/{before,after}/summary.json``;
+* ``F/drift/drift.parquet`` (one row per step, group, module), ``F/drift/samples.safetensors``
   (per group a float32 ``[n_records, n_sample]`` tensor of |Delta| of a fixed seeded subsample, ``steps``
-  int64 ``[n_records]``; metadata ``n_sample``, ``seed``), ``finetune/drift/final/<group>.safetensors``
+  int64 ``[n_records]``; metadata ``n_sample``, ``seed``), ``F/drift/final/<group>.safetensors``
   (``<module>.delta``, ``<module>.w0``, ``<module>.index``);
 * ``stats/comparisons.csv`` (``group, control, metric, type, n_group, n_control, median_group, median_control,
-  median_diff, mean_diff, cliffs_delta, cohens_d, p_value, <effect>_ci_low, <effect>_ci_high, p_adjusted``) and
-  ``stats/verdict.json`` (``verdict, reason, rule, primary``); without a stats stage, the finetune stage's
-  ``finetune/drift/comparisons.csv`` if there is one;
+  median_diff, mean_diff, cliffs_delta, cohens_d, p_value, <effect>_ci_low, <effect>_ci_high, p_adjusted``),
+  ``stats/verdict.json`` (``verdict, reason, rule, primary``) and ``stats/manifest.json`` (``outputs.finetune``:
+  the fine-tuning folder it analysed); without a stats stage, ``F/drift/comparisons.csv`` of the (first)
+  fine-tuning with drift, if there is one;
 * ``overlap/overlap.csv`` (``comparison`` = ``noise_floor`` | ``finetuned``, ``group, unit, size_a, size_b,
   intersection, share_a, share_b, jaccard, chance_jaccard, enrichment, p_value``; ``unit`` = ``all``, ``*.<type>``,
-  ``layers.<i>`` or a module name) and ``overlap/summary.json``.
+  ``layers.<i>`` or a module name), ``overlap/summary.json`` and ``overlap/manifest.json`` (``outputs.finetune``:
+  the fine-tuning folder whose merged model the ``finetuned`` comparison re-scored; absent without one).
+
+Several fine-tunings
+--------------------
+A run holds its fine-tunings (:func:`finetunes`) either as one folder ``finetune/`` (``finetune/manifest.json``;
+name ``""``) or, with ``finetune.variants``, as ``finetune/<name>/`` (``finetune/<name>/manifest.json`` with stage
+``finetune``; ``finetune/`` itself has no manifest), in the config's variant order (``config.toml``), else by
+creation time and name. ``results.json`` then holds:
+
+* ``finetune`` -- with at most one fine-tuning, today's dict (``settings``, ``train``, ``loss``, ``evaluation``,
+  ``notes``, ``missing``), plus ``name`` and ``folder`` when the fine-tuning is a named variant. With several::
+
+      {"runs": {<name>: <that dict, with "name" and "folder">, ...},   # in the order above
+       "comparison": [{"name", "folder", "data", "n_examples", "full", "r", "freeze", "freeze_mode", "steps",
+                       "metrics": {<metric>: {"before_value", "before_ci95_low", "before_ci95_high",
+                                              "after_value", "after_ci95_low", "after_ci95_high", "change"}}}, ...],
+       "missing": [...]}   # only when there are run-level lines (unfinished variants: finetune/<name>.partial)
+
+  ``<metric>`` in :data:`COMPARE_METRICS` (refusal, asr, degenerate, perplexity, accuracy_mean), intervals the
+  same 95 % Wilson intervals as the before / after table.
+* ``drift`` -- the drift of the fine-tuning(s) :func:`drift_finetunes` picks: the one the stats stage analysed
+  (``stats/manifest.json`` ``outputs.finetune``), else every fine-tuning with a ``drift/`` folder. One: today's
+  dict, plus ``finetune`` (name), ``folder``, ``chosen_by`` and ``not_shown`` (the other fine-tunings:
+  ``finetune, folder, has_drift``) when the fine-tuning is named. Several:
+  ``{"runs": {<name>: <that dict>}, "chosen_by": ..., "missing": [...]}``.
+* ``statistics`` -- as before, plus ``finetune`` and ``folder`` (which fine-tuning) when it is a named variant.
+* ``overlap`` -- as before, plus ``finetune`` (the folder, from ``overlap/manifest.json``) and ``finetune_name``
+  when the overlap stage recorded it.
 """
 
 from __future__ import annotations
@@ -101,6 +131,45 @@ def read_manifests(run_dir: Path) -> dict[str, dict]:
     return out
 
 
+@dataclass
+class FineTuning:
+    """One fine-tuning of the run: ``name`` (``""`` without variants), ``folder`` relative to the run directory
+    (``finetune`` or ``finetune/<name>``) and its manifest."""
+
+    name: str
+    folder: str
+    manifest: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """How the report names it: the variant name, or ``finetune`` for the single unnamed one."""
+        return self.name or "finetune"
+
+
+def finetunes(run: RunData) -> list[FineTuning]:
+    """The run's fine-tunings (see "Several fine-tunings" above), found once and kept in ``run.tables``."""
+    if "finetunes" in run.tables:
+        return run.tables["finetunes"]
+    manifests = run.tables.get("manifests", {})
+    found: list[FineTuning] = []
+    if "finetune" in manifests:
+        found.append(FineTuning("", "finetune", manifests["finetune"]))
+    named = [FineTuning(folder.split("/", 1)[1], folder, m) for folder, m in manifests.items()
+             if folder.startswith("finetune/") and folder.count("/") == 1 and m.get("stage") == "finetune"]
+    variants = ((run.tables.get("config") or {}).get("finetune") or {}).get("variants") or {}
+    order = list(variants) if isinstance(variants, dict) else []
+    named.sort(key=lambda ft: (order.index(ft.name) if ft.name in order else len(order),
+                               str(ft.manifest.get("created") or ""), ft.name))
+    run.tables["finetunes"] = found + named
+    return run.tables["finetunes"]
+
+
+def finetune_by_folder(run: RunData, folder: Any) -> FineTuning | None:
+    """The fine-tuning whose folder (relative to the run directory) is ``folder``, if the run holds it."""
+    want = str(folder or "").strip().rstrip("/")
+    return next((ft for ft in finetunes(run) if ft.folder == want), None)
+
+
 def _argv_option(argv: list, name: str) -> str | None:
     for i, a in enumerate(argv or []):
         if a == name and i + 1 < len(argv):
@@ -123,11 +192,13 @@ def collect_run(run: RunData) -> None:
             config = tomllib.loads(cfg_path.read_text(encoding="utf-8"))
         except Exception:  # noqa: BLE001 - a broken config.toml only loses its facts
             config = {}
+    run.tables["config"] = config
     model, source = None, None
     if config.get("model"):
         model, source = str(config["model"]), "config.toml"
     if model is None:
-        for rel in ("finetune/eval/before/summary.json", "eval/summary.json", "ablation/eval/dense/summary.json"):
+        evals = [f"{ft.folder}/eval/before/summary.json" for ft in finetunes(run)] or ["finetune/eval/before/summary.json"]
+        for rel in (*evals, "eval/summary.json", "ablation/eval/dense/summary.json"):
             p = run_dir / rel
             if p.is_file():
                 try:
@@ -170,10 +241,8 @@ def _group_definitions(cfg: dict) -> dict[str, Any]:
 def _tracked_groups_manifest(run: RunData) -> tuple[dict | None, str | None]:
     """The groups stage a fine-tuning run tracked, when it lives in another run directory (``track`` entries
     that are folders with a groups manifest, resolved from the working directory or the run directory)."""
-    ft = run.tables.get("manifests", {}).get("finetune")
-    if not ft:
-        return None, None
-    for t in (ft.get("config", {}) or {}).get("track") or []:
+    tracks = [t for ft in finetunes(run) for t in (ft.manifest.get("config", {}) or {}).get("track") or []]
+    for t in dict.fromkeys(str(t) for t in tracks):
         t = str(t)
         for base in (Path.cwd(), run.run_dir, run.run_dir.parent, run.run_dir.parent.parent):
             p = (base / t) if not Path(t).is_absolute() else Path(t)
@@ -368,18 +437,85 @@ def _eval_side(summary: dict | None, head: dict) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _miss(run: RunData, d: dict, line: str) -> None:
+    """A missing line in the part ``d`` (one fine-tuning's dict) and in the run's ``missing``."""
+    d.setdefault("missing", []).append(line)
+    run.results.setdefault("missing", []).append(line)
+
+
+def _ft_tables(run: RunData, ft: FineTuning) -> dict[str, Any]:
+    """The tables (loss, evaluation, drift, ...) of one fine-tuning, by its name."""
+    return run.tables.setdefault("ft", {}).setdefault(ft.name, {})
+
+
+def _unfinished_finetunes(run: RunData) -> list[str]:
+    fdir = run.run_dir / "finetune"
+    return sorted(_rel(run, p) for p in fdir.glob("*.partial") if p.is_dir()) if fdir.is_dir() else []
+
+
 def collect_finetune(run: RunData) -> None:
+    fts = finetunes(run)
+    partial = _unfinished_finetunes(run)
+    if len(fts) <= 1:
+        f: dict[str, Any] = {}
+        run.results["finetune"] = f
+        if not fts:
+            run.missing("finetune", "No fine-tuning in this run (no finetune/manifest.json)")
+            if partial:
+                run.missing("finetune", "Unfinished fine-tuning(s) (no manifest yet): " + ", ".join(partial))
+            fdir = run.run_dir / "finetune"
+            if not fdir.is_dir() or (partial and not any((fdir / x).exists() for x in ("loss.csv", "eval", "drift"))):
+                return
+            ft = FineTuning("", "finetune", {})  # a finetune/ folder without its manifest: read what it has
+        else:
+            ft = fts[0]
+            if ft.name:
+                f.update({"name": ft.name, "folder": ft.folder})
+            if partial:
+                run.missing("finetune", "Unfinished fine-tuning(s) (no manifest yet): " + ", ".join(partial))
+        _collect_one_finetune(run, ft, f)
+        return
+    runs: dict[str, Any] = {}
+    top: dict[str, Any] = {"runs": runs, "comparison": []}
+    run.results["finetune"] = top
+    if partial:
+        run.missing("finetune", "Unfinished fine-tuning(s) (no manifest yet): " + ", ".join(partial))
+    for ft in fts:
+        f = {"name": ft.name, "folder": ft.folder}
+        runs[ft.label] = f
+        try:
+            _collect_one_finetune(run, ft, f)
+        except Exception as e:  # noqa: BLE001 - one broken fine-tuning must not hide the others
+            _miss(run, f, f"Could not read the fine-tuning {ft.folder}: {type(e).__name__}: {e}")
+    top["comparison"] = [_comparison_row(ft, runs[ft.label]) for ft in fts]
+
+
+COMPARE_METRICS = ("refusal", "asr", "degenerate", "perplexity", "accuracy_mean")
+_COMPARE_KEYS = ("before_value", "before_ci95_low", "before_ci95_high", "after_value", "after_ci95_low",
+                 "after_ci95_high", "change")
+
+
+def _comparison_row(ft: FineTuning, f: dict) -> dict[str, Any]:
+    """One fine-tuning's line of the comparison table (several fine-tunings)."""
+    st = f.get("settings") or {}
+    steps = (f.get("train") or {}).get("steps")
+    if steps is None:
+        steps = (f.get("loss") or {}).get("steps", st.get("max_steps"))
+    ev = {r["metric"]: r for r in f.get("evaluation") or []}
+    return {"name": ft.label, "folder": ft.folder, "data": st.get("data"), "n_examples": st.get("n_examples"),
+            "full": st.get("full"), "r": None if st.get("full") else st.get("r"), "freeze": st.get("freeze"),
+            "freeze_mode": st.get("freeze_mode"), "steps": steps,
+            "metrics": {m: {k: ev[m].get(k) for k in _COMPARE_KEYS} for m in COMPARE_METRICS if m in ev}}
+
+
+def _collect_one_finetune(run: RunData, ft: FineTuning, f: dict[str, Any]) -> None:
+    """Settings, training, loss and before / after evaluation of one fine-tuning into ``f``."""
     import pandas as pd
 
-    f: dict[str, Any] = {}
-    run.results["finetune"] = f
-    fdir = run.run_dir / "finetune"
-    man = run.tables["manifests"].get("finetune")
-    if man is None:
-        run.missing("finetune", "No fine-tuning in this run (no finetune/manifest.json)")
-        if not fdir.is_dir():
-            return
-        man = {}
+    fdir = run.run_dir / ft.folder
+    fo = ft.folder
+    tables = _ft_tables(run, ft)
+    man = ft.manifest
     cfg = man.get("config", {}) or {}
     tr = cfg.get("train", {}) or {}
     out = man.get("outputs", {}) or {}
@@ -403,9 +539,9 @@ def collect_finetune(run: RunData) -> None:
             f["loss"] = {"steps": int(loss["step"].max()), "first": float(loss["loss"].iloc[0]),
                          "last": float(loss["loss"].iloc[-1]), "min": float(loss["loss"].min()),
                          "mean_last_10": float(tail.mean())}
-            run.tables["loss"] = loss
+            tables["loss"] = loss
     else:
-        run.missing("finetune", "No loss curve (no finetune/loss.csv)")
+        _miss(run, f, f"No loss curve (no {fo}/loss.csv)")
     sides: dict[str, dict] = {}
     for side in ("before", "after"):
         p = fdir / "eval" / side / "summary.json"
@@ -416,8 +552,8 @@ def collect_finetune(run: RunData) -> None:
             sides[side] = _eval_side(s, headline(s))
         elif isinstance(out.get("evaluation"), dict) and isinstance(out["evaluation"].get(side), dict):
             sides[side] = _eval_side(None, out["evaluation"][side])
-            f.setdefault("notes", []).append(f"{side}: headline figures from finetune/manifest.json "
-                                             f"(no finetune/eval/{side}/summary.json)")
+            f.setdefault("notes", []).append(f"{side}: headline figures from {fo}/manifest.json "
+                                             f"(no {fo}/eval/{side}/summary.json)")
     if sides:
         rows = []
         labels: dict[str, str] = {}
@@ -439,11 +575,11 @@ def collect_finetune(run: RunData) -> None:
             if any(row.get(f"{s}_value") is not None for s in ("before", "after")):
                 rows.append(row)
         f["evaluation"] = rows
-        run.tables["evaluation"] = rows
+        tables["evaluation"] = rows
     if len(sides) < 2:
         miss = [s for s in ("before", "after") if s not in sides]
-        run.missing("finetune", "No evaluation " + " / ".join(miss) + " fine-tuning (no "
-                    + ", ".join(f"finetune/eval/{s}/summary.json" for s in miss) + ")")
+        _miss(run, f, "No evaluation " + " / ".join(miss) + " fine-tuning (no "
+              + ", ".join(f"{fo}/eval/{s}/summary.json" for s in miss) + ")")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -474,7 +610,7 @@ def _module_type(m: str) -> str:
     return m.split(".", 2)[2] if m.count(".") >= 2 else m
 
 
-def _samples_over_training(path: Path) -> dict[str, Any]:
+def _samples_over_training(path: Path, source: str = "finetune/drift/samples.safetensors") -> dict[str, Any]:
     """Median and quartiles of |Delta| per group and recorded step from ``samples.safetensors``."""
     import numpy as np
 
@@ -492,7 +628,7 @@ def _samples_over_training(path: Path) -> dict[str, Any]:
             med, q25, q75 = _quartiles(v)
             rows.append({"group": grp, "step": step, "median": med, "q25": q25, "q75": q75, "n": int(len(v))})
     n_sample, seed = meta.get("n_sample", ""), meta.get("seed", "")
-    return {"source": "finetune/drift/samples.safetensors",
+    return {"source": source,
             "definition": "median and interquartile range of |Delta| over a fixed seeded subsample of each group's "
                           "entries in adapted modules",
             "n_sample": int(n_sample) if str(n_sample).isdigit() else None,
@@ -500,24 +636,87 @@ def _samples_over_training(path: Path) -> dict[str, Any]:
             "rows": rows}
 
 
+def drift_finetunes(run: RunData) -> tuple[list[FineTuning], str]:
+    """The fine-tuning(s) whose drift the report shows, and why: the one the stats stage analysed
+    (``stats/manifest.json`` ``outputs.finetune``), else every fine-tuning with a ``drift/`` folder (a
+    ``finetune/drift/`` without a manifest counts as the unnamed one)."""
+    stats = run.tables.get("manifests", {}).get("stats") or {}
+    chosen = (stats.get("outputs") or {}).get("finetune")
+    if chosen:
+        ft = finetune_by_folder(run, chosen)
+        if ft is not None:
+            return [ft], "the fine-tuning the stats stage analysed (stats/manifest.json outputs.finetune)"
+    fts = [ft for ft in finetunes(run) if (run.run_dir / ft.folder / "drift").is_dir()]
+    if not finetunes(run) and (run.run_dir / "finetune" / "drift").is_dir():
+        fts = [FineTuning("", "finetune", {})]
+    return fts, ("every fine-tuning with a drift/ folder" if len(fts) > 1 else "the only fine-tuning with a drift/ folder")
+
+
+def _ft_settings(run: RunData, ft: FineTuning) -> dict[str, Any]:
+    f = run.results.get("finetune", {}) or {}
+    if "runs" in f:
+        f = f["runs"].get(ft.label, {})
+    return f.get("settings", {}) or {}
+
+
 def collect_drift(run: RunData) -> None:
+    d: dict[str, Any] = {}
+    run.results["drift"] = d
+    stats = run.tables.get("manifests", {}).get("stats") or {}
+    chosen = (stats.get("outputs") or {}).get("finetune")
+    fts, why = drift_finetunes(run)
+    if chosen and finetune_by_folder(run, chosen) is None:
+        run.missing("drift", f"The stats stage analysed {chosen}, which this run does not hold (no "
+                             f"{str(chosen).rstrip('/')}/manifest.json)" + ("; showing " + why if fts else ""))
+    named = any(ft.name for ft in finetunes(run))
+    if not fts:
+        if not named:
+            run.missing("drift", "No drift tracking in this run (no finetune/drift/)")
+        else:
+            run.missing("drift", "No drift tracking in this run (no drift/ in "
+                        + ", ".join(f"{ft.folder}/" for ft in finetunes(run)) + ")")
+        return
+    if len(fts) == 1:
+        ft = fts[0]
+        if ft.name:
+            d.update({"finetune": ft.name, "folder": ft.folder, "chosen_by": why})
+            others = [o for o in finetunes(run) if o.folder != ft.folder]
+            if others:
+                d["not_shown"] = [{"finetune": o.label, "folder": o.folder,
+                                   "has_drift": (run.run_dir / o.folder / "drift").is_dir()} for o in others]
+        _collect_one_drift(run, ft, d)
+        run.tables["drift_finetunes"] = [ft]
+        return
+    d["chosen_by"] = why
+    d["runs"] = {}
+    for ft in fts:
+        one = {"finetune": ft.label, "folder": ft.folder}
+        d["runs"][ft.label] = one
+        try:
+            _collect_one_drift(run, ft, one)
+        except Exception as e:  # noqa: BLE001 - one broken drift folder must not hide the others
+            _miss(run, one, f"Could not read the drift of {ft.folder}: {type(e).__name__}: {e}")
+    run.tables["drift_finetunes"] = fts
+
+
+def _collect_one_drift(run: RunData, ft: FineTuning, d: dict[str, Any]) -> None:
     import numpy as np
     import pandas as pd
 
-    d: dict[str, Any] = {}
-    run.results["drift"] = d
-    ddir = run.run_dir / "finetune" / "drift"
+    fo = ft.folder
+    tables = _ft_tables(run, ft)
+    ddir = run.run_dir / fo / "drift"
     if not ddir.is_dir():
-        run.missing("drift", "No drift tracking in this run (no finetune/drift/)")
+        _miss(run, d, f"No drift tracking in this run (no {fo}/drift/)")
         return
-    seed = (run.results.get("finetune", {}).get("settings", {}) or {}).get("seed")
+    seed = _ft_settings(run, ft).get("seed")
     seed = 0 if seed is None else int(seed)
     table = None
     adapted: set[str] | None = None
     pq = ddir / "drift.parquet"
     if pq.is_file():
         table = pd.read_parquet(pq)
-        run.tables["drift"] = table
+        tables["drift"] = table
         last = table[table["step"] == table["step"].max()]
         adapted = set(last.loc[last["adapted"].astype(bool), "module"]) if "adapted" in last.columns else None
         mods = table[["module", "adapted"]].drop_duplicates("module") if "adapted" in table.columns else None
@@ -526,15 +725,15 @@ def collect_drift(run: RunData) -> None:
                         "modules": int(table["module"].nunique()),
                         "modules_adapted": int(mods["adapted"].astype(bool).sum()) if mods is not None else None}
     else:
-        run.missing("drift", "No drift log (no finetune/drift/drift.parquet)")
+        _miss(run, d, f"No drift log (no {fo}/drift/drift.parquet)")
     # drift over training
     sp = ddir / "samples.safetensors"
     if sp.is_file():
         try:
-            d["over_training"] = _samples_over_training(sp)
+            d["over_training"] = _samples_over_training(sp, f"{fo}/drift/samples.safetensors")
         except Exception as e:  # noqa: BLE001
-            run.missing("drift", f"Could not read finetune/drift/samples.safetensors ({type(e).__name__}: {e}); "
-                                 "drift over training from drift.parquet instead")
+            _miss(run, d, f"Could not read {fo}/drift/samples.safetensors ({type(e).__name__}: {e}); "
+                             "drift over training from drift.parquet instead")
     if not d.get("over_training") and table is not None:
         sub = table[table["adapted"].astype(bool)] if "adapted" in table.columns else table
         rows = []
@@ -547,18 +746,18 @@ def collect_drift(run: RunData) -> None:
                          "q25": float((w * s["abs_q25"]).sum() / tot), "q75": float((w * s["abs_q75"]).sum() / tot),
                          "n": int(tot)})
         rows.sort(key=lambda r: (group_sort_key(r["group"]), r["step"]))
-        d["over_training"] = {"source": "finetune/drift/drift.parquet",
+        d["over_training"] = {"source": f"{fo}/drift/drift.parquet",
                               "definition": "entry-weighted mean (weights: entries per module) of the per-module medians "
                                             "and quartiles of |Delta| over adapted modules -- not the median of the "
-                                            "group's entries (no readable finetune/drift/samples.safetensors)",
+                                            f"group's entries (no readable {fo}/drift/samples.safetensors)",
                               "rows": rows}
     if d.get("over_training"):
-        run.tables["over_training"] = pd.DataFrame(d["over_training"]["rows"])
+        tables["over_training"] = pd.DataFrame(d["over_training"]["rows"])
     # final drift
     fdir = ddir / "final"
     files = sorted(fdir.glob("*.safetensors"), key=lambda p: group_sort_key(p.stem)) if fdir.is_dir() else []
     if not files:
-        run.missing("drift", "No final drift per entry (no finetune/drift/final/<group>.safetensors)")
+        _miss(run, d, f"No final drift per entry (no {fo}/drift/final/<group>.safetensors)")
         return
     by_group, by_type, samples = [], [], {}
     step = None
@@ -566,7 +765,7 @@ def collect_drift(run: RunData) -> None:
         try:
             t, meta = _load_safetensors_np(p)
         except Exception as e:  # noqa: BLE001
-            run.missing("drift", f"Could not read {_rel(run, p)} ({type(e).__name__}: {e}); group left out")
+            _miss(run, d, f"Could not read {_rel(run, p)} ({type(e).__name__}: {e}); group left out")
             continue
         step = meta.get("step", step)
         mods = sorted({k.rsplit(".", 1)[0] for k in t if k.endswith(".delta")})
@@ -606,12 +805,12 @@ def collect_drift(run: RunData) -> None:
             rng = np.random.default_rng([seed, k, len(vals)])
             pick = vals if len(vals) <= FINAL_SAMPLE else vals[rng.permutation(len(vals))[:FINAL_SAMPLE]]
             samples[grp][ty] = pick
-    d["final"] = {"source": "finetune/drift/final/<group>.safetensors", "step": int(step) if str(step).isdigit() else None,
+    d["final"] = {"source": f"{fo}/drift/final/<group>.safetensors", "step": int(step) if str(step).isdigit() else None,
                   "modules": "adapted modules only (from drift.parquet)" if adapted is not None else
                              "every module in the files (no drift.parquet to say which were adapted)",
                   "rel_threshold": REL_THRESHOLD, "by_group": by_group, "by_type": by_type,
                   "sample_per_type": FINAL_SAMPLE, "sample_seed": seed}
-    run.tables["final_samples"] = samples
+    tables["final_samples"] = samples
 
 
 # --------------------------------------------------------------------------------------------------
@@ -624,11 +823,25 @@ def collect_statistics(run: RunData) -> None:
     s: dict[str, Any] = {}
     run.results["statistics"] = s
     path = run.run_dir / "stats" / "comparisons.csv"
-    if not path.is_file():
-        alt = run.run_dir / "finetune" / "drift" / "comparisons.csv"
-        if alt.is_file():
-            path = alt
-            s.setdefault("notes", []).append("No stats stage in this run: comparisons from finetune/drift/comparisons.csv")
+    stats_man = run.tables.get("manifests", {}).get("stats") or {}
+    chosen = (stats_man.get("outputs") or {}).get("finetune")
+    if path.is_file():
+        ft = finetune_by_folder(run, chosen) if chosen else None
+        if ft is not None and ft.name:
+            s.update({"finetune": ft.name, "folder": ft.folder})
+        elif chosen and ft is None:
+            s.update({"folder": str(chosen)})
+        elif not chosen and len(finetunes(run)) > 1:
+            s.setdefault("notes", []).append("stats/manifest.json does not say which fine-tuning it analysed "
+                                             "(no outputs.finetune)")
+    else:
+        fts = [ft for ft in drift_finetunes(run)[0] if (run.run_dir / ft.folder / "drift" / "comparisons.csv").is_file()]
+        if fts:
+            ft = fts[0]
+            path = run.run_dir / ft.folder / "drift" / "comparisons.csv"
+            if ft.name:
+                s.update({"finetune": ft.name, "folder": ft.folder})
+            s.setdefault("notes", []).append(f"No stats stage in this run: comparisons from {ft.folder}/drift/comparisons.csv")
         else:
             run.missing("statistics", "No drift statistics in this run (no stats/comparisons.csv)")
     df = None
@@ -724,6 +937,13 @@ def collect_overlap(run: RunData) -> None:
     o["by_type"] = rows("type")
     o["by_layer"] = [{"comparison": r["comparison"], "group": r["group"], "unit": r["unit"], "jaccard": r["jaccard"]}
                      for r in rows("layer")]
+    ov_man = run.tables.get("manifests", {}).get("overlap") or {}
+    rescored = (ov_man.get("outputs") or {}).get("finetune")
+    if rescored:
+        o["finetune"] = str(rescored)
+        ft = finetune_by_folder(run, rescored)
+        if ft is not None and ft.name:
+            o["finetune_name"] = ft.name
     sp = run.run_dir / "overlap" / "summary.json"
     if sp.is_file():
         o["summary"] = _read_json(sp)

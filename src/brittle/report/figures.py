@@ -129,6 +129,26 @@ def loss_figure(loss, title: str) -> Figure:
     return fig
 
 
+def loss_overlay_figure(losses: Mapping[str, object], title: str) -> Figure:
+    """Several fine-tunings' training loss in one axis: per fine-tuning (``losses``: name -> DataFrame with
+    ``step, loss``) a thin line per step and a thick 10-step running mean in the same colour."""
+    fig = Figure(figsize=(8, 3.8))
+    ax = fig.subplots()
+    colors = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f")
+    for i, (name, loss) in enumerate(losses.items()):
+        c = colors[i % len(colors)]
+        ax.plot(loss["step"], loss["loss"], color=c, alpha=0.3, linewidth=1)
+        ax.plot(loss["step"], loss["loss"].rolling(10, min_periods=1).mean(), color=c, linewidth=2,
+                label=f"{name} (running mean, 10 steps)")
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("loss (nats per response token)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    _axtitle(ax, title)
+    fig.tight_layout()
+    return fig
+
+
 def before_after_figure(rows: Sequence[Mapping], title: str) -> Figure:
     """Shares before / after fine-tuning as grouped bars with 95 % intervals; perplexity and accuracy beside."""
     shares = [r for r in rows if r["metric"] in ("refusal", "asr", "degenerate", "over_refusal", "degenerate_benign")]

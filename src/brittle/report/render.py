@@ -128,26 +128,41 @@ def render_text(results: Mapping[str, Any], context: str, groups: str) -> str:
         out.append("Not in this run:")
         out += [f"  - {m}" for m in missing]
         out.append("")
-    st = (results.get("finetune") or {}).get("settings") or {}
-    if st:
-        out.append(f"Fine-tuning: data {st.get('data')} (n = {fmt(st.get('n_examples'))}), LoRA r {fmt(st.get('r'))}, "
-                   f"alpha {fmt(st.get('alpha'))}, lr {fmt(st.get('lr'))}, steps {fmt(st.get('max_steps'))}, "
-                   f"frozen: {st.get('freeze') or 'none'}")
-        out.append("")
+    ft = results.get("finetune") or {}
+    runs = ft["runs"] if "runs" in ft else {ft.get("name") or "": ft}
+    for name, r in runs.items():
+        st = r.get("settings") or {}
+        if st:
+            label = f"Fine-tuning {name} ({r.get('folder')})" if name else "Fine-tuning"
+            out.append(f"{label}: data {st.get('data')} (n = {fmt(st.get('n_examples'))}), LoRA r {fmt(st.get('r'))}, "
+                       f"alpha {fmt(st.get('alpha'))}, lr {fmt(st.get('lr'))}, steps {fmt(st.get('max_steps'))}, "
+                       f"frozen: {st.get('freeze') or 'none'}")
+            out.append("")
     out += [RULE, "FINAL DRIFT BY GROUP", RULE]
-    fin = (results.get("drift") or {}).get("final")
-    if fin:
-        out.append(f"Final step {fmt(fin.get('step'))}; {fin['modules']}; abs = |Delta|, rel = |Delta|/|w0| "
-                   f"(|w0| >= {fmt(fin['rel_threshold'])}); all entries.")
-        out += _text_table(["group", "metric", "n", "median", "mean", "q25", "q75", "share 0"],
-                           [[r["group"], r["metric"], r["n"], r["median"], r["mean"], r["q25"], r["q75"], r["share_zero"]]
-                            for r in fin["by_group"]])
-    else:
-        out += [f"  {m}" for m in (results.get("drift") or {}).get("missing", [])] or ["  (no final drift)"]
+    drift = results.get("drift") or {}
+    druns = drift["runs"] if "runs" in drift else {drift.get("finetune") or "": drift}
+    if "runs" in drift:
+        out += [f"  {m}" for m in drift.get("missing", [])]
+    for name, d in druns.items():
+        if name:
+            out.append(f"Fine-tuning {name} ({d.get('folder')}):")
+        fin = d.get("final")
+        if fin:
+            out.append(f"Final step {fmt(fin.get('step'))}; {fin['modules']}; abs = |Delta|, rel = |Delta|/|w0| "
+                       f"(|w0| >= {fmt(fin['rel_threshold'])}); all entries.")
+            out += _text_table(["group", "metric", "n", "median", "mean", "q25", "q75", "share 0"],
+                               [[r["group"], r["metric"], r["n"], r["median"], r["mean"], r["q25"], r["q75"], r["share_zero"]]
+                                for r in fin["by_group"]])
+        else:
+            out += [f"  {m}" for m in d.get("missing", [])] or ["  (no final drift)"]
+        if len(druns) > 1:
+            out.append("")
     out += ["", RULE, "COMPARISONS", RULE]
     stats = results.get("statistics") or {}
     comps = stats.get("comparisons")
     if comps:
+        if stats.get("finetune"):
+            out.append(f"Fine-tuning: {stats['finetune']} ({stats.get('folder')}).")
         out.append(f"Source: {stats.get('source')}. Effect = group - control; 95 % bootstrap intervals; p: Mann-Whitney U, "
                    "p adj: Benjamini-Hochberg.")
         for stratum in dict.fromkeys(r["type"] for r in comps):
@@ -179,6 +194,9 @@ def render_text(results: Mapping[str, Any], context: str, groups: str) -> str:
     ov = results.get("overlap") or {}
     if ov.get("summary_table"):
         out += ["", RULE, "OVERLAP WITH THE ORIGINAL GROUPS (EXPERIMENT 1)", RULE]
+        if ov.get("finetune"):
+            out.append(f"'finetuned' re-scored the merged model of {ov.get('finetune_name') or 'the fine-tuning'} "
+                       f"({ov['finetune']}).")
         out += _text_table(["group", "Jaccard after FT", "Jaccard noise floor", "chance Jaccard"],
                            [[r["group"], r.get("finetuned_jaccard"), r.get("noise_floor_jaccard"),
                              r.get("finetuned_chance_jaccard", r.get("noise_floor_chance_jaccard"))]

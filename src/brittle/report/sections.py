@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from collections.abc import Mapping
 from typing import Any
@@ -189,39 +190,133 @@ def ablation_section(run: RunData) -> list[Block]:
     return out
 
 
-def finetune_section(run: RunData) -> list[Block]:
-    from . import figures
+def _safe(name: str) -> str:
+    """A fine-tuning's name as part of a figure's file name."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "finetune"
 
+
+def _ft_data(st: Mapping[str, Any]) -> str:
+    return f"{st.get('data', '?')} ({fmt(st.get('n_examples'))} examples)"
+
+
+def _freeze_text(st: Mapping[str, Any]) -> str:
+    if not st.get("freeze"):
+        return "none"
+    return f"{st['freeze']} ({st['freeze_mode']})" if st.get("freeze_mode") else str(st["freeze"])
+
+
+def finetune_section(run: RunData) -> list[Block]:
     res = run.results
     f = res.get("finetune", {})
     out: list[Block] = [("h", 2, "4. Fine-tuning")]
     out += _missing_blocks(res, "finetune")
+    if "runs" not in f:
+        if f.get("name"):
+            out.append(("p", f"One fine-tuning in this run: `{f['name']}` ({f.get('folder')}/)."))
+        ft = _finetune_of(run, f.get("name") or "")
+        return out + _finetune_body(run, f, ft.folder if ft else "finetune", ft.name if ft else "", False)
+    runs = f["runs"]
+    out.append(("p", f"This run holds {fmt(len(runs))} fine-tunings: "
+                + ", ".join(f"`{name}` ({r.get('folder')}/)" for name, r in runs.items())
+                + ". The table compares them; each has its own subsection below."))
+    comp = f.get("comparison") or []
+    if comp:
+        out += _comparison_blocks(run, comp)
+    losses = {name: run.tables.get("ft", {}).get(r.get("name", name), {}).get("loss") for name, r in runs.items()}
+    losses = {k: v for k, v in losses.items() if v is not None}
+    if losses:
+        from . import figures
+
+        data = "; ".join(f"{name}: {_ft_data(runs[name].get('settings') or {})}" for name in losses)
+        n = ", ".join(f"{name} {fmt((runs[name].get('loss') or {}).get('steps'))} steps" for name in losses)
+        fig = figures.loss_overlay_figure(losses, _title(res, "Fine-tuning loss, one line per fine-tuning", data, n))
+        out.append(("figure", "loss", fig, "Training loss per optimiser step, one line per fine-tuning (thin: per "
+                    f"step; thick: running mean of 10 steps). {caption(res, data, n)}"))
+    for i, (name, r) in enumerate(runs.items(), start=1):
+        out.append(("h", 3, f"4.{i} Fine-tuning `{name}` ({r.get('folder')}/)"))
+        out += [("missing", line) for line in r.get("missing", [])]
+        out += _finetune_body(run, r, r.get("folder") or f"finetune/{name}", r.get("name", name), True)
+    return out
+
+
+def _finetune_of(run: RunData, name: str):
+    from .collect import finetunes
+
+    return next((ft for ft in finetunes(run) if ft.name == name), None)
+
+
+COMPARE_LABELS = (("refusal", "refusal"), ("asr", "ASR"), ("degenerate", "degenerate"), ("perplexity", "perplexity"),
+                  ("accuracy_mean", "accuracy"))
+
+
+def _comparison_blocks(run: RunData, comp: list[Mapping[str, Any]]) -> list[Block]:
+    res = run.results
+
+    def cell(m: Mapping[str, Any] | None) -> str:
+        if not m:
+            return DASH
+
+        def side(k: str) -> str:
+            ci = fmt_ci(m.get(f"{k}_ci95_low"), m.get(f"{k}_ci95_high"))
+            return fmt(m.get(f"{k}_value")) + ("" if ci == DASH else f" {ci}")
+
+        return f"{side('before')} -> {side('after')} (change {fmt(m.get('change'))})"
+
+    rows = []
+    for c in comp:
+        method = "full" if c.get("full") else (f"LoRA r {fmt(c.get('r'))}" if c.get("r") is not None else "LoRA")
+        rows.append([c["name"], f"{c.get('data') or '?'} ({fmt(c.get('n_examples'))} examples)", method,
+                     _freeze_text(c), c.get("steps")] + [cell((c.get("metrics") or {}).get(m)) for m, _ in COMPARE_LABELS])
+    first = res.get("finetune", {}).get("runs", {})
+    ns = []
+    for r in first.values():
+        ev = {e["metric"]: e for e in r.get("evaluation") or []}
+        nh = (ev.get("refusal") or {}).get("before_n") or (ev.get("refusal") or {}).get("after_n")
+        ns.append(fmt(nh))
+    n = ", ".join(dict.fromkeys(ns)) + " held-out harmful prompts per fine-tuning and side (details in each subsection)"
+    data = "each fine-tuning's data (column data); evaluation in <folder>/eval/before|after"
+    return [_table("Fine-tunings compared: before -> after fine-tuning, with 95 % Wilson intervals "
+                   "(perplexity and accuracy: no interval). " + caption(res, data, n),
+                   ["fine-tuning", "data", "method", "freeze (group, mode)", "steps"]
+                   + [f"{h} before -> after" for _, h in COMPARE_LABELS], rows)]
+
+
+def _finetune_body(run: RunData, f: Mapping[str, Any], folder: str, name: str, several: bool) -> list[Block]:
+    """Settings, training and loss tables, loss figure (one fine-tuning only) and before / after of one
+    fine-tuning; figure names get the fine-tuning's name when there are several."""
+    from . import figures
+
+    res = run.results
+    out: list[Block] = []
+    tables = run.tables.get("ft", {}).get(name, {})
     st = f.get("settings")
     if not st and not f.get("loss") and not f.get("evaluation"):
         return out
     if st:
-        out.append(("p", "Settings (finetune/manifest.json): " + ", ".join(f"{k} {fmt_value(v)}" for k, v in st.items()) + "."))
+        out.append(("p", f"Settings ({folder}/manifest.json): " + ", ".join(f"{k} {fmt_value(v)}" for k, v in st.items()) + "."))
     for note in f.get("notes", []):
         out.append(("p", note))
     data = f"{(st or {}).get('data', '?')} ({fmt((st or {}).get('n_examples'))} examples)"
+    if name:
+        data = f"`{name}`, {data}"
     if f.get("train"):
         t = f["train"]
-        out.append(_table(f"Training (finetune/manifest.json outputs). {caption(res, data, 'optimiser steps')}",
+        out.append(_table(f"Training ({folder}/manifest.json outputs). {caption(res, data, 'optimiser steps')}",
                           ["steps", "seconds", "first loss", "final loss"],
                           [[t.get("steps"), t.get("seconds"), t.get("first_loss"), t.get("final_loss")]]))
     if f.get("loss"):
         lo = f["loss"]
-        out.append(_table(f"Loss (finetune/loss.csv, nats per response token). {caption(res, data, 'optimiser steps')}",
+        out.append(_table(f"Loss ({folder}/loss.csv, nats per response token). {caption(res, data, 'optimiser steps')}",
                           ["steps", "first", "last", "min", "mean of the last 10 steps"],
                           [[lo["steps"], lo["first"], lo["last"], lo["min"], lo["mean_last_10"]]]))
-        if run.tables.get("loss") is not None:
-            fig = figures.loss_figure(run.tables["loss"], _title(res, "Fine-tuning loss", data, f"{fmt(lo['steps'])} steps"))
+        if tables.get("loss") is not None and not several:
+            fig = figures.loss_figure(tables["loss"], _title(res, "Fine-tuning loss", data, f"{fmt(lo['steps'])} steps"))
             out.append(("figure", "loss", fig, f"Training loss per optimiser step. {caption(res, data, fmt(lo['steps']) + ' steps')}"))
     rows = f.get("evaluation")
     if rows:
         nh = next((r.get("before_n") or r.get("after_n") for r in rows if r["metric"] == "refusal"), None)
         nb = next((r.get("before_n") or r.get("after_n") for r in rows if r["metric"] == "over_refusal"), None)
-        edata = f"{fmt(nh)} held-out harmful prompts, {fmt(nb)} benign instructions (finetune/eval/)"
+        edata = f"{fmt(nh)} held-out harmful prompts, {fmt(nb)} benign instructions ({folder}/eval/)"
         table_rows = []
         for r in rows:
             table_rows.append([r["label"], r.get("before_value"), fmt_ci(r.get("before_ci95_low"), r.get("before_ci95_high")),
@@ -231,23 +326,59 @@ def finetune_section(run: RunData) -> list[Block]:
                           + caption(res, edata, "before / after per row"),
                           ["metric", "before", "95 % CI", "after", "95 % CI", "change", "n (before / after)"], table_rows))
         fig = figures.before_after_figure(rows, _title(res, f"Before vs after fine-tuning on {data}", edata, f"{fmt(nh)} / {fmt(nb)}"))
-        out.append(("figure", "before_after", fig, "Before vs after fine-tuning (error bars: 95 % Wilson intervals). "
+        out.append(("figure", f"before_after_{_safe(name)}" if several else "before_after", fig,
+                    "Before vs after fine-tuning (error bars: 95 % Wilson intervals). "
                     + caption(res, edata, f"{fmt(nh)} harmful / {fmt(nb)} benign prompts")))
     return out
 
 
+def _settings_of(res: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    f = res.get("finetune", {}) or {}
+    if "runs" in f:
+        r = next((r for k, r in f["runs"].items() if r.get("name", k) == name), None)
+        return (r or {}).get("settings") or {}
+    return f.get("settings") or {}
+
+
 def drift_section(run: RunData) -> list[Block]:
+    res = run.results
+    d = res.get("drift", {})
+    out: list[Block] = [("h", 2, "5. Drift")]
+    out += _missing_blocks(res, "drift")
+    if "runs" not in d:
+        name = d.get("finetune") or ""
+        if name:
+            out.append(("p", f"Drift of the fine-tuning `{name}` ({d.get('folder')}/): {d.get('chosen_by')}."))
+        for o in d.get("not_shown", []):
+            out.append(("p", f"Not shown: the fine-tuning `{o['finetune']}` ({o['folder']}/), "
+                             + ("which has drift/ but is not the one the statistics are of." if o.get("has_drift")
+                                else "which has no drift/ folder.")))
+        folder = d.get("folder") or "finetune"
+        return out + _drift_body(run, d, folder, name, False)
+    out.append(("p", f"Drift of {fmt(len(d['runs']))} fine-tunings ({d.get('chosen_by')}; no stats stage names one): "
+                + ", ".join(f"`{k}` ({r.get('folder')}/)" for k, r in d["runs"].items()) + "."))
+    for i, (label, r) in enumerate(d["runs"].items(), start=1):
+        name = "" if r.get("folder") == "finetune" else label
+        out.append(("h", 3, f"5.{i} Drift of the fine-tuning `{label}` ({r.get('folder')}/)"))
+        out += [("missing", line) for line in r.get("missing", [])]
+        out += _drift_body(run, r, r.get("folder") or f"finetune/{label}", name, True)
+    return out
+
+
+def _drift_body(run: RunData, d: Mapping[str, Any], folder: str, name: str, several: bool) -> list[Block]:
     from . import figures
 
     res = run.results
-    d = res.get("drift", {})
-    st = res.get("finetune", {}).get("settings") or {}
+    tables = run.tables.get("ft", {}).get(name, {})
+    st = _settings_of(res, name)
     data = f"fine-tuning on {st.get('data', '?')} ({fmt(st.get('n_examples'))} examples)"
-    out: list[Block] = [("h", 2, "5. Drift")]
-    out += _missing_blocks(res, "drift")
+    if name:
+        data = f"fine-tuning `{name}` on {st.get('data', '?')} ({fmt(st.get('n_examples'))} examples)"
+    suffix = f"_{_safe(name)}" if several else ""
+    out: list[Block] = []
     rec = d.get("records")
     if rec:
-        out.append(("p", f"Drift log (finetune/drift/drift.parquet): steps {fmt_value(rec['steps'])}; groups "
+        out.append(("p", f"Drift log ({folder}/drift/drift.parquet): steps {fmt_value(rec['steps'])}; groups "
                          f"{', '.join(rec['groups'])}; {fmt(rec['modules'])} modules, {fmt(rec.get('modules_adapted'))} "
                          f"adapted (only adapted modules count below)."))
     ot = d.get("over_training")
@@ -259,12 +390,12 @@ def drift_section(run: RunData) -> list[Block]:
         if from_samples:
             extra = f" (sample of {fmt(ot.get('n_sample'))} entries per group, seed {fmt(ot.get('sample_seed'))})"
         out.append(("p", f"Drift over training ({ot['source']}): {ot['definition']}{extra}."))
-        df = run.tables["over_training"]
+        df = tables["over_training"]
         ns = {r["group"]: r["n"] for r in ot["rows"]}
         n = ", ".join(f"{g} {fmt(v)}" for g, v in ns.items())
         fig = figures.drift_over_training_figure(df, _title(res, f"Drift over training: {label}", data, n),
                                                  f"|Delta| (weight units): {'median' if from_samples else 'weighted mean of medians'}")
-        out.append(("figure", "drift_over_training", fig, f"Drift over training per group: {label}. "
+        out.append(("figure", f"drift_over_training{suffix}", fig, f"Drift over training per group: {label}. "
                     + caption(res, data, n + (' (sampled entries)' if from_samples else ' entries'))))
         groups = list(dict.fromkeys(r["group"] for r in ot["rows"]))
         steps = sorted({r["step"] for r in ot["rows"]})
@@ -280,11 +411,11 @@ def drift_section(run: RunData) -> list[Block]:
     if fin:
         n_note = (f"final step {fmt(fin.get('step'))}; {fin['modules']}; relative change |Delta|/|w0| over entries with "
                   f"|w0| >= {fmt(fin['rel_threshold'])}")
-        samples = run.tables.get("final_samples")
+        samples = tables.get("final_samples")
         if samples:
             fig = figures.final_drift_figure(samples, _title(res, "Final drift per group and module type", data,
                                                              f"at most {fmt(fin['sample_per_type'])} per group and type"))
-            out.append(("figure", "final_drift", fig,
+            out.append(("figure", f"final_drift{suffix}", fig,
                         f"Final |Delta| per group and module type, log scale (box 25-75 %, whiskers 5-95 %; at most "
                         f"{fmt(fin['sample_per_type'])} entries per group and type drawn by a seeded permutation, seed "
                         f"{fmt(fin['sample_seed'])}; exact zeros cannot be drawn on a log scale and are counted in the "
@@ -311,10 +442,19 @@ STAT_KNOWN = ("group", "control", "metric", "type", "n_group", "n_control", "med
 def statistics_section(run: RunData) -> list[Block]:
     res = run.results
     s = res.get("statistics", {})
-    st = res.get("finetune", {}).get("settings") or {}
+    name = s.get("finetune") or ""
+    st = _settings_of(res, name)
     data = f"final drift after fine-tuning on {st.get('data', '?')}"
+    if name:
+        data = f"final drift after fine-tuning `{name}` on {st.get('data', '?')}"
     out: list[Block] = [("h", 2, "6. Statistics (Experiment 2: do safety-critical weights drift more?)")]
     out += _missing_blocks(res, "statistics")
+    if name:
+        how = "stats/manifest.json outputs.finetune" if s.get("source", "").startswith("stats/") else "its drift folder"
+        out.append(("p", f"Statistics of the fine-tuning `{name}` ({s.get('folder')}/; from {how})."))
+    elif s.get("folder"):
+        out.append(("p", f"Statistics of the fine-tuning in {s['folder']}/ (stats/manifest.json outputs.finetune), "
+                         "which this run does not hold."))
     for note in s.get("notes", []):
         out.append(("p", note))
     v = s.get("verdict")
@@ -381,6 +521,13 @@ def overlap_section(run: RunData) -> list[Block]:
     summ = o.get("summary_table")
     if not summ:
         return out
+    if o.get("finetune"):
+        which = f"`{o['finetune_name']}` ({o['finetune']}/)" if o.get("finetune_name") else f"in {o['finetune']}/"
+        out.append(("p", f"The `finetuned` comparison re-scored the merged model of the fine-tuning {which} "
+                         "(overlap/manifest.json outputs.finetune)."))
+    elif len(res.get("finetune", {}).get("runs", {}) or {}) > 1 and "finetuned" in (o.get("comparisons") or []):
+        out.append(("missing", "overlap/manifest.json does not say which fine-tuning the `finetuned` comparison "
+                               "re-scored (no outputs.finetune)"))
     data = ("original groups vs groups re-selected after fine-tuning (finetuned) and vs groups re-selected on the "
             "unchanged model from another calibration sample (noise floor)")
     sizes = ", ".join(f"{r['group']} {fmt(r.get('finetuned_size_a', r.get('noise_floor_size_a')))}" for r in summ)
