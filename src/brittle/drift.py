@@ -218,8 +218,11 @@ class DriftTracker:
 
         # training waits while a record is taken, so its cores are free: the partial sorts (numpy releases the GIL)
         # of different modules run side by side, in the order of `pairs` (the rows' order does not depend on it)
-        with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
-            results = list(pool.map(stats, pairs))
+        if adapted is None:  # step 0: every Delta is zero, nothing to sort; threads would cost more than they save
+            results = [stats(p) for p in pairs]
+        else:
+            with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+                results = list(pool.map(stats, pairs))
         for (g, m, _), result in zip(pairs, results, strict=True):
             self.rows.append({"step": step, "group": g, "module": m, "layer": int(m.split(".")[1]),
                               "type": m.split(".", 2)[2], "adapted": True if adapted is None else m in adapted, **result})
