@@ -194,7 +194,10 @@ def write_overlap(run: Path, finetune: str | None = None, layers: bool = True) -
                              "intersection": 80, "share_a": 0.8, "share_b": 0.7692, "jaccard": j,
                              "chance_jaccard": 0.005, "enrichment": 35.25, "p_value": 1e-30})
     pd.DataFrame(rows).to_csv(run / "overlap" / "overlap.csv", index=False)
-    (run / "overlap" / "summary.json").write_text(json.dumps({"groups": 3, "noise_seed": 1, "note": "synthetic"}))
+    vs_floor = {"jaccard_finetuned": 0.151, "jaccard_noise_floor": 0.749, "chance_jaccard": 0.0135, "n_modules": 4,
+                "n_below": 4, "alpha": 0.05, "n_boot": 200, "seed": 0, "median_diff": -0.61, "median_diff_ci_low": -0.64,
+                "median_diff_ci_high": -0.58, "p_value": 0.125, "beyond_noise": False}
+    (run / "overlap" / "summary.json").write_text(json.dumps({"set_difference": vs_floor}))  # as against_noise_floor
 
 
 def full_run(tmp_path: Path) -> Path:
@@ -269,6 +272,7 @@ def test_full_run(tmp_path):
     # overlap: seed-style summary
     summ = {r["group"]: r for r in results["overlap"]["summary_table"]}
     assert summ["top_safety"]["finetuned_jaccard"] == 0.6 and summ["top_safety"]["noise_floor_jaccard"] == 0.9
+    assert "| set_difference | 0.151 | 0.749 | 0.0135 | 4 | 4 | -0.61 | -0.64 | -0.58 | 0.125 | no |" in md
     txt = files["txt"].read_text(encoding="utf-8")
     for head in ("FINAL DRIFT BY GROUP", "COMPARISONS", "HYPOTHESIS EVALUATION", "VERDICT: H2"):
         assert head in txt

@@ -566,9 +566,21 @@ def overlap_section(run: RunData) -> list[Block]:
         cell = {(r["comparison"], r["group"], r["unit"]): r["jaccard"] for r in layers}
         rows = [[u] + [cell.get((c, g, u)) for c, g in cols] for u in units]
         out.append(_table("Jaccard per layer. " + caption(res, data, sizes), ["layer"] + [f"{g} ({c})" for c, g in cols], rows))
-    if o.get("summary") is not None:
-        out.append(_table("overlap/summary.json. " + caption(res, data, sizes), ["key", "value"],
-                          [[k, v] for k, v in _flatten(o["summary"])]))
+    summary = o.get("summary") or {}
+    vs_floor = [(g, v) for g, v in summary.items() if isinstance(v, dict) and "n_modules" in v]
+    if vs_floor:  # brittle.analysis.against_noise_floor: modules are the units
+        rows = [[g, v["jaccard_finetuned"], v["jaccard_noise_floor"], v["chance_jaccard"], v["n_below"], v["n_modules"],
+                 v["median_diff"], v["median_diff_ci_low"], v["median_diff_ci_high"], fmt_p(v["p_value"]),
+                 "yes" if v["beyond_noise"] else "no"] for g, v in vs_floor]
+        first = vs_floor[0][1]
+        rule = (f"beyond noise = Wilcoxon signed-rank p < {fmt(first['alpha'])} over the modules and the 95 % bootstrap "
+                f"interval ({fmt(first['n_boot'])} resamples of the modules, seed {fmt(first['seed'])}) of the median "
+                "per-module difference J(fine-tuned) - J(noise floor) below 0")
+        out.append(_table("After fine-tuning against the noise floor, per module (overlap/summary.json); " + rule + ". "
+                          + caption(res, data, "modules with a non-empty union in both comparisons"),
+                          ["group", "Jaccard after fine-tuning", "noise floor", "chance", "modules below the floor",
+                           "modules", "median difference", "95 % CI low", "95 % CI high", "Wilcoxon p", "beyond noise"],
+                          rows))
     return out
 
 
