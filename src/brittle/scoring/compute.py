@@ -37,7 +37,7 @@ from torch import nn
 
 from ..data.core import IGNORE_INDEX, DataError, Example, encode, pad_batch
 from ..io import BrittleError, sha256_json
-from .methods import BatchInfo, ScoreMethod, get_method
+from .methods import BatchInfo, ScoreMethod, activation_mask, get_method
 
 # --------------------------------------------------------------------------------------------------
 # Inputs
@@ -79,7 +79,7 @@ def _encode_all(tokenizer, examples, max_length: int | None, method: ScoreMethod
         else:
             raise BrittleError(f"example {i}: expected a brittle Example or a dict with input_ids and labels")
         labels = enc["labels"]
-        scored = labels[1:] != IGNORE_INDEX if method.needs_grad else labels != IGNORE_INDEX
+        scored = labels[1:] != IGNORE_INDEX if method.needs_grad else activation_mask(labels)
         if not bool(scored.any()):
             n_prompt = int((labels == IGNORE_INDEX).sum())
             raise DataError(
@@ -89,6 +89,19 @@ def _encode_all(tokenizer, examples, max_length: int | None, method: ScoreMethod
             )
         out.append(enc)
     return out
+
+
+def calibration_batches(tokenizer, encoded: Sequence[dict[str, torch.Tensor]],
+                        batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """Right-padded batches (:func:`pad_batch`: ``input_ids``, ``attention_mask``, ``labels``) of encoded examples,
+    longest first (a memory error shows up at once), ties by position: deterministic. Padding uses the tokenizer's
+    pad token (else eos, else 0); shared by the scorer and :mod:`brittle.lowrank`."""
+    pad_id = 0
+    if tokenizer is not None:
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i]["input_ids"]), i))
+    return [pad_batch([encoded[i] for i in order[s:s + batch_size]], pad_id, side="right")
+            for s in range(0, len(order), batch_size)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -350,13 +363,7 @@ def compute_scores(
     in_device = model.get_input_embeddings().weight.device
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     out_device = head.weight.device if head is not None and hasattr(head, "weight") else in_device
-    pad_id = 0
-    if tokenizer is not None:
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-
-    # Longest first (a memory error shows up at once), ties by position: deterministic.
-    order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i]["input_ids"]), i))
-    batches = [[encoded[i] for i in order[s:s + batch_size]] for s in range(0, len(order), batch_size)]
+    batches = calibration_batches(tokenizer, encoded, batch_size)
     keep_logits = _supports_logits_to_keep(model)
     from ..models import decoder_layers
 
@@ -386,13 +393,12 @@ def compute_scores(
             accum.attach()
             n_resp = 0
             try:
-                for items in batches:
-                    batch = pad_batch(items, pad_id, side="right")
+                for batch in batches:
                     labels = batch["labels"]
                     B, T = labels.shape
                     batch = {k: v.to(in_device) for k, v in batch.items() if k != "labels"}
                     if not method.needs_grad:  # activations only: a forward pass
-                        wmask = labels != IGNORE_INDEX
+                        wmask = activation_mask(labels)
                         accum.batch = BatchInfo((B, T), input_mask=wmask)
                         n_resp += int(wmask.sum())
                         with torch.no_grad():

@@ -26,10 +26,17 @@ from typing import ClassVar
 
 import torch
 
+from ..data.core import IGNORE_INDEX
 from ..io import BrittleError
 
 LOSS_DEFINITION = "mean cross-entropy over the positions predicting a response token (labels[t+1] != -100), per example"
 WANDA_POSITIONS = "positions whose input token is a response token (labels[t] != -100)"
+
+
+def activation_mask(labels: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` (or ``[T]``) bool: the positions whose *input* token is a response token (:data:`WANDA_POSITIONS`),
+    where activation statistics are taken (Wanda here, ActSVD in :mod:`brittle.lowrank`)."""
+    return labels != IGNORE_INDEX
 
 
 @dataclass
