@@ -9,10 +9,12 @@ when the body raises.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -75,12 +77,6 @@ def ablation_eval_config(**overrides):
     return make_config(SweepEvalConfig, **overrides)
 
 
-def _row(kind: str, sparsity: float | None, p: float | None, frac: float, summary: dict) -> dict:
-    from .evaluation.report import headline
-
-    return {"group": kind, "sparsity": sparsity, "p": p, "q": sparsity, "fraction_removed": frac, **headline(summary)}
-
-
 @dataclass(frozen=True)
 class SweepGroup:
     """One group of a sweep: its kind (``top_safety``, ``set_difference``, ``random``, ``random_magnitude``),
@@ -93,6 +89,84 @@ class SweepGroup:
     group: Mapping[str, torch.Tensor]
 
 
+# --------------------------------------------------------------------------------------------------
+# The sweep loop, shared by the weight-level ablation and the rank-level one (brittle.lowrank, stage lowrank)
+
+
+@dataclass(frozen=True)
+class SweepLayout:
+    """What a sweep writes: ``<name>.csv``/``.md``/``.png`` with ``columns`` (``group``, the point's own columns,
+    ``fraction_removed``, then the evaluation's headline columns), the legend of ``fraction_removed`` and the
+    figure's x axis."""
+
+    name: str
+    columns: tuple[str, ...]
+    fraction_legend: str
+    xlabel: str
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One point of a sweep: its kind (the ``group`` column), file label (``eval/<label>/``), its own columns
+    (``fields``), the fraction removed, a log line, and ``apply``: a zero-argument callable returning a context
+    manager that changes the model inside the block and restores it exactly on exit."""
+
+    kind: str
+    label: str
+    fields: Mapping[str, Any]
+    fraction: float
+    apply: Callable[[], contextlib.AbstractContextManager]
+    note: str = ""
+
+
+ABLATION_LAYOUT = SweepLayout(
+    "ablation", ABLATION_COLUMNS,
+    "`fraction_removed` = zeroed entries / all entries of the scored linear modules",
+    "weights removed (% of scored linear weights)")
+
+
+def run_sweep(model, tokenizer, points: Sequence[SweepPoint], out_dir, layout: SweepLayout, *, eval_config=None,
+              overwrite: bool = False, progress: bool = True, log=print):
+    """Evaluate the dense model, then the model inside each point's ``apply()`` (in order); write
+    ``<layout.name>.csv``/``.md``, a figure and per-point evaluation directories ``eval/<label>/`` (``eval/dense/``
+    for the dense model). Returns the table (pandas)."""
+    import pandas as pd
+
+    from .evaluation.report import headline
+    from .evaluation.suite import evaluate_model
+    from .io import write_text
+
+    if not points:
+        raise BrittleError("no sweep points given")
+    out_dir = Path(out_dir)
+    name = layout.name
+    if (out_dir / f"{name}.csv").exists() and not overwrite:
+        from .io import ExistsError
+
+        raise ExistsError(f"{out_dir / f'{name}.csv'} already exists; pass --force to overwrite it")
+    cfg = eval_config or ablation_eval_config()
+    columns = list(layout.columns)
+    rows = []
+    log(f"[{name}] dense model")
+    dense = evaluate_model(model, tokenizer, out_dir / "eval" / "dense", cfg, overwrite=True, progress=progress)
+    rows.append({"group": "dense", "fraction_removed": 0.0, **headline(dense)})
+    for point in points:
+        log(f"[{name}] {point.note or point.label}")
+        with point.apply():
+            summary = evaluate_model(model, tokenizer, out_dir / "eval" / point.label, cfg, overwrite=True,
+                                     progress=progress)
+        rows.append({"group": point.kind, **point.fields, "fraction_removed": point.fraction, **headline(summary)})
+        # write as we go: a long sweep that dies keeps what it measured
+        pd.DataFrame(rows, columns=columns).to_csv(out_dir / f"{name}.partial.csv", index=False)
+    table = pd.DataFrame(rows, columns=columns)
+    write_text(out_dir / f"{name}.csv", table.to_csv(index=False), overwrite=True)
+    write_text(out_dir / f"{name}.md", ablation_markdown(table, cfg, fraction_legend=layout.fraction_legend),
+               overwrite=True)
+    (out_dir / f"{name}.partial.csv").unlink(missing_ok=True)
+    plot_ablation(table, out_dir / f"{name}.png", xlabel=layout.xlabel)
+    return table
+
+
 def run_ablation(model, tokenizer, groups: Sequence[SweepGroup], out_dir, *, eval_config=None,
                  overwrite: bool = False, progress: bool = True, log=print):
     """Evaluate the dense model, then the model with each group removed (in order); write ``ablation.csv``/
@@ -100,41 +174,20 @@ def run_ablation(model, tokenizer, groups: Sequence[SweepGroup], out_dir, *, eva
 
     The groups come from the groups stage (:func:`brittle.groups.sweep_groups` for each (p, q) point).
     """
-    import pandas as pd
-
-    from .evaluation.suite import evaluate_model
-    from .io import write_text
-
     if not groups:
         raise BrittleError("no sweep groups given")
-    out_dir = Path(out_dir)
-    if (out_dir / "ablation.csv").exists() and not overwrite:
-        from .io import ExistsError
-
-        raise ExistsError(f"{out_dir / 'ablation.csv'} already exists; pass --force to overwrite it")
-    cfg = eval_config or ablation_eval_config()
-    rows = []
-    log("[ablation] dense model")
-    dense = evaluate_model(model, tokenizer, out_dir / "eval" / "dense", cfg, overwrite=True, progress=progress)
-    rows.append(_row("dense", None, None, 0.0, dense))
+    points = []
     for item in groups:
         frac = fraction_removed(model, item.group)
-        log(f"[ablation] {item.kind} p={item.p:g} q={item.q:g}: removing {frac:.4%} of the scored weights")
-        with ablated(model, item.group):
-            summary = evaluate_model(model, tokenizer, out_dir / "eval" / item.label, cfg, overwrite=True,
-                                     progress=progress)
-        rows.append(_row(item.kind, item.q, None if item.kind == "top_safety" else item.p, frac, summary))
-        # write as we go: a long sweep that dies keeps what it measured
-        pd.DataFrame(rows, columns=list(ABLATION_COLUMNS)).to_csv(out_dir / "ablation.partial.csv", index=False)
-    table = pd.DataFrame(rows, columns=list(ABLATION_COLUMNS))
-    write_text(out_dir / "ablation.csv", table.to_csv(index=False), overwrite=True)
-    write_text(out_dir / "ablation.md", ablation_markdown(table, cfg), overwrite=True)
-    (out_dir / "ablation.partial.csv").unlink(missing_ok=True)
-    plot_ablation(table, out_dir / "ablation.png")
-    return table
+        points.append(SweepPoint(
+            item.kind, item.label, {"sparsity": item.q, "p": None if item.kind == "top_safety" else item.p, "q": item.q},
+            frac, functools.partial(ablated, model, item.group),
+            f"{item.kind} p={item.p:g} q={item.q:g}: removing {frac:.4%} of the scored weights"))
+    return run_sweep(model, tokenizer, points, out_dir, ABLATION_LAYOUT, eval_config=eval_config, overwrite=overwrite,
+                     progress=progress, log=log)
 
 
-def ablation_markdown(table, cfg=None) -> str:
+def ablation_markdown(table, cfg=None, *, fraction_legend: str = ABLATION_LAYOUT.fraction_legend) -> str:
     """The table as Markdown, with a legend saying how each column was computed; the ``degenerate_<reason>``
     columns go into the ``degenerate`` cell, e.g. ``0.84 (lone 0.7, loop 0.14)``."""
     from .evaluation.report import degenerate_cell
@@ -156,7 +209,7 @@ def ablation_markdown(table, cfg=None) -> str:
     header = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
     body = "".join("| " + " | ".join(row_cell(c, r) for c in columns) + " |\n" for r in table.to_dict("records"))
     legend = (
-        "\nColumns: `fraction_removed` = zeroed entries / all entries of the scored linear modules; `asr_wei` = "
+        f"\nColumns: {fraction_legend}; `asr_wei` = "
         "attack success with the paper's keyword judge, `asr` = with the default judge (`refusal-v1`), both on "
         "held-out AdvBench behaviours, greedy, no system prompt (`asr_ci95_*` = Wilson 95% interval of `asr`); "
         "`degenerate` = share of those answers the default judge calls degenerate, by reason in parentheses (`empty`: no "
@@ -170,8 +223,9 @@ def ablation_markdown(table, cfg=None) -> str:
     return header + body + legend
 
 
-def plot_ablation(table, path) -> None:
-    """ASR and accuracy against the fraction of weights removed, one line per group kind, dense as reference."""
+def plot_ablation(table, path, *, xlabel: str = ABLATION_LAYOUT.xlabel) -> None:
+    """ASR, degenerate share and accuracy against the fraction removed, one line per group kind, dense as
+    reference."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -186,7 +240,7 @@ def plot_ablation(table, path) -> None:
             ax.plot(sub.fraction_removed * 100, sub[col], marker="o", label=kind)
         if dense[col] == dense[col] and dense[col] is not None:
             ax.axhline(dense[col], color="black", linestyle="--", linewidth=1, label="dense")
-        ax.set_xlabel("weights removed (% of scored linear weights)")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)

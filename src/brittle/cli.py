@@ -44,6 +44,8 @@ def config_default(key: str) -> Any:
 
 def _show(value: Any) -> str:
     if isinstance(value, (list, tuple)):
+        if value and all(isinstance(v, (list, tuple)) for v in value):  # pairs, as typed: 64:16,128:32
+            return ",".join(":".join(_show(x) for x in v) for v in value)
         return ",".join(_show(v) for v in value) if value else "none"
     if isinstance(value, float):
         return f"{value:g}"
@@ -310,6 +312,57 @@ def ablate_cmd(
         ablation__eval__max_new_tokens=max_new_tokens), force=force)
     ab = results["ablation"]
     typer.echo(f"table: {ab.path('table')} (and ablation.md); figure: {ab.path('figure')}")
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise BrittleError(f"{what} expects comma-separated integers, got '{text}'") from None
+
+
+def _rank_pairs(text: str) -> list[list[int]]:
+    if text.strip().lower() == "none":
+        return []
+    pairs = []
+    for item in text.split(","):
+        parts = item.strip().split(":")
+        if len(parts) != 2:
+            raise BrittleError(f"--orthogonal expects comma-separated 'r_utility:r_safety' pairs such as 64:16 (or "
+                               f"none); '{item.strip()}' is not one")
+        pairs.append(_ints(",".join(parts), "--orthogonal"))
+    return pairs
+
+
+@app.command("lowrank")
+@user_errors
+def lowrank_cmd(
+    out: OutOpt,
+    model: ModelOpt = None,
+    ranks: Annotated[str | None, opt("lowrank.ranks", "--ranks", help="Comma-separated ranks r of the top_safety and random rows.")] = None,
+    orthogonal: Annotated[str | None, opt("lowrank.orthogonal", "--orthogonal", help="Orthogonal rows: comma-separated 'r_utility:r_safety' pairs, or none.")] = None,
+    targets: Annotated[str | None, opt("lowrank.targets", "--targets", help="Comma-separated roles edited (q,k,v,o,gate,up,down...) or all.")] = None,
+    nsamples: Annotated[int | None, opt("scores.nsamples", "--nsamples", help="Calibration examples drawn (seeded) from each set.")] = None,
+    n_harmful: Annotated[int | None, opt("lowrank.eval.n_harmful", "--n-harmful", help="Held-out AdvBench behaviours per evaluation.")] = None,
+    limit: Annotated[int | None, opt("lowrank.eval.limit", "--limit", help="Zero-shot documents per task per evaluation (0: all).")] = None,
+    max_new_tokens: Annotated[int | None, opt("lowrank.eval.max_new_tokens", "--max-new-tokens", help="New tokens per answer.")] = None,
+    seed: SeedOpt = None,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """ActSVD: remove the top-r output directions of the safety data (and a random r-dimensional subspace, the
+    control) from every linear module for each rank, and the safety directions outside the utility subspace for
+    each --orthogonal pair; measure like `brittle ablate` -> OUT/lowrank/lowrank.csv/.md/.png (calibration sets
+    in OUT/data)."""
+    _, results = run_stages(out, ["data", "lowrank"], given(
+        model=model, seed=seed, scores__nsamples=nsamples,
+        lowrank__ranks=None if ranks is None else _ints(ranks, "--ranks"),
+        lowrank__orthogonal=None if orthogonal is None else _rank_pairs(orthogonal),
+        lowrank__targets=None if targets is None else [t.strip() for t in targets.split(",") if t.strip()],
+        lowrank__eval__n_harmful=n_harmful, lowrank__eval__limit=None if limit is None else (limit or None),
+        lowrank__eval__max_new_tokens=max_new_tokens), force=force, sets=set_)
+    lr = results["lowrank"]
+    typer.echo(f"table: {lr.path('table')} (and lowrank.md); figure: {lr.path('figure')}")
 
 
 @app.command("finetune")

@@ -28,8 +28,9 @@ from .evaluation.config import EvalConfig, SweepEvalConfig
 from .finetune.job import FinetuneConfig
 from .io import BrittleError, FrozenConfig
 
-STAGES = ("align", "data", "scores", "groups", "ablation", "finetune", "overlap", "stats", "eval", "report")
-StageName = Literal["align", "data", "scores", "groups", "ablation", "finetune", "overlap", "stats", "eval", "report"]
+STAGES = ("align", "data", "scores", "groups", "ablation", "lowrank", "finetune", "overlap", "stats", "eval", "report")
+StageName = Literal["align", "data", "scores", "groups", "ablation", "lowrank", "finetune", "overlap", "stats", "eval",
+                    "report"]
 Fraction = float  # 0 < x <= 1, checked by the validators below
 
 
@@ -138,6 +139,75 @@ class AblationConfig(FrozenConfig):
         return [(s if self.p is None else self.p, s) for s in self.sparsities]
 
 
+def _rank(value: int, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1 (a number of directions), got {value!r}")
+    return value
+
+
+class LowrankConfig(FrozenConfig):
+    """Stage ``lowrank`` (ActSVD, :mod:`brittle.lowrank`): per linear module, remove the top-``r`` output
+    directions of the safety calibration set (``top_safety``) or a random ``r``-dimensional output subspace
+    (``random``, the control) for each rank of ``ranks``, and the safety directions outside the utility subspace
+    (``orthogonal``, ``W - (I - P_u) P_s W``) for each ``[r_utility, r_safety]`` pair of ``orthogonal``; evaluate
+    each with ``eval`` (the sweep evaluation of the ablation) -> ``lowrank/lowrank.csv``. Ranks are the projector
+    ranks themselves (not the seed code's complements); each must be at most ``min(d_out, d_in)`` of every
+    targeted module (``r_utility`` below ``d_out``), checked against the model before anything changes. The
+    covariances come from the data stage's ``safety``/``utility`` sets, ``scores.nsamples`` examples drawn with the
+    run's seed, at ``scores.batch_size`` and ``scores.max_length`` (the weight-level scores' calibration sample)."""
+
+    ranks: tuple[int, ...] = Field((1, 4, 16, 64), description="Ranks r of the top_safety and random rows.")
+    orthogonal: list[tuple[int, int]] = Field(
+        default_factory=lambda: [(64, 16)], description="[r_utility, r_safety] pairs of the orthogonal rows ([] for none).")
+    targets: tuple[str, ...] = Field(("all",), description="Roles edited (q, k, v, o, gate, up, down ...) or all.")
+    eval: SweepEvalConfig = SweepEvalConfig()
+
+    @field_validator("ranks", mode="before")
+    @classmethod
+    def _check_ranks(cls, v):
+        v = tuple(v) if isinstance(v, (list, tuple)) else v
+        if v == ():
+            raise ValueError("give at least one rank")
+        if isinstance(v, tuple):
+            v = tuple(_rank(r, "a rank") for r in v)
+            if len(set(v)) != len(v):
+                raise ValueError(f"a rank is listed twice: {list(v)}")
+        return v
+
+    @field_validator("orthogonal", mode="before")
+    @classmethod
+    def _check_pairs(cls, v):
+        if isinstance(v, (list, tuple)):
+            out = []
+            for pair in v:
+                if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                    raise ValueError(f"give [r_utility, r_safety] pairs, got {pair!r}")
+                out.append((_rank(pair[0], "r_utility"), _rank(pair[1], "r_safety")))
+            if len(set(out)) != len(out):
+                raise ValueError(f"a pair is listed twice: {[list(x) for x in out]}")
+            return out
+        return v
+
+    @field_validator("targets")
+    @classmethod
+    def _check_targets(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError("give at least one role (or all)")
+        if "all" in v and len(v) > 1:
+            raise ValueError(f"'all' already covers every role, got {list(v)}")
+        bad = [t for t in v if not re.fullmatch(r"[A-Za-z_][\w]*", t)]
+        if bad:
+            raise ValueError(f"roles are names such as q, k, v, o, gate, up, down (or all), got {bad}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"a role is listed twice: {list(v)}")
+        return v
+
+    def max_ranks(self) -> dict[str, int]:
+        """The most directions needed per set: ``{"safety": ..., "utility": ...}`` (0 = not needed)."""
+        return {"safety": max((*self.ranks, *(s for _, s in self.orthogonal))),
+                "utility": max((u for u, _ in self.orthogonal), default=0)}
+
+
 class OverlapConfig(FrozenConfig):
     """Stage ``overlap`` (Experiment 1): the run's groups against the same selection on another calibration
     sample of the unchanged model (the noise floor, sub-run ``noise/``) and on the fine-tuned model (sub-run
@@ -191,6 +261,7 @@ class ExperimentConfig(BaseSettings):
     scores: ScoreConfig = ScoreConfig()
     groups: GroupsConfig = GroupsConfig()
     ablation: AblationConfig = AblationConfig()
+    lowrank: LowrankConfig = LowrankConfig()
     finetune: FinetuneConfig = FinetuneConfig()
     overlap: OverlapConfig = OverlapConfig()
     stats: StatsConfig = StatsConfig()
@@ -207,8 +278,8 @@ class ExperimentConfig(BaseSettings):
     def _one_seed(self) -> ExperimentConfig:
         # The experiment's seed is the seed of every stage; a different seed inside an evaluation section
         # would silently be replaced, so it is an error.
-        sections = (("eval", self.eval), ("ablation.eval", self.ablation.eval), ("finetune.eval", self.finetune.eval),
-                    ("finetune.train", self.finetune.train))
+        sections = (("eval", self.eval), ("ablation.eval", self.ablation.eval), ("lowrank.eval", self.lowrank.eval),
+                    ("finetune.eval", self.finetune.eval), ("finetune.train", self.finetune.train))
         for name, section in sections:
             if section.seed not in (0, self.seed):
                 raise ValueError(f"{name}.seed = {section.seed}: set the experiment's top-level seed instead")
@@ -217,6 +288,9 @@ class ExperimentConfig(BaseSettings):
     @model_validator(mode="after")
     def _analyses_have_inputs(self) -> ExperimentConfig:
         # Checked when the config loads, so that a run does not fine-tune for an hour and then fail.
+        if "lowrank" in self.stages and "data" not in self.stages:
+            raise ValueError("the lowrank stage records its covariances on the run's calibration sets: add the data "
+                             "stage")
         if "overlap" in self.stages:
             missing = [s for s in ("data", "scores", "groups") if s not in self.stages]
             if missing:

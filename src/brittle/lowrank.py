@@ -386,3 +386,110 @@ def fraction_removed(model: nn.Module, plan: Mapping[str, Edit]) -> dict[str, fl
         d_out, d_in = linear_weight(modules[name]).shape
         out[name] = edit.rank / min(d_out, d_in)
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The rank sweep (stage ``lowrank``): the same loop, table, markdown and figure as the weight-level ablation
+
+
+def target_modules(model: nn.Module, roles: Sequence[str] = ("all",)) -> dict[str, nn.Module]:
+    """The linear modules whose role (``layers.{i}.{role}``) is one of ``roles`` (``("all",)``: every one), in
+    ``linear_modules`` order; an unknown role is an error naming the model's roles."""
+    modules = linear_modules(model)
+    if tuple(roles) == ("all",):
+        return modules
+    known = list(dict.fromkeys(n.split(".", 2)[2] for n in modules))
+    unknown = [r for r in roles if r not in known]
+    if unknown:
+        raise BrittleError(f"lowrank.targets: unknown role(s) {', '.join(unknown)} (this model's roles: "
+                           f"{', '.join(known)}, or all)")
+    return {n: m for n, m in modules.items() if n.split(".", 2)[2] in roles}
+
+
+def check_sweep_ranks(modules: Mapping[str, nn.Module], ranks: Sequence[int],
+                      orthogonal: Sequence[tuple[int, int]] = ()) -> None:
+    """Every rank of a sweep fits every module: ``r <= min(d_out, d_in)`` (and ``r_utility < d_out``); the error
+    names the first module that is too small and the largest rank that fits all of them."""
+    if not modules:
+        raise BrittleError("no linear modules to edit")
+    shapes = {n: tuple(linear_weight(m).shape) for n, m in modules.items()}
+    limit = min(min(s) for s in shapes.values())
+    smallest = min(shapes, key=lambda n: min(shapes[n]))
+    where = f"module {smallest} is {shapes[smallest][0]} x {shapes[smallest][1]} (d_out x d_in)"
+    for r in ranks:
+        _check_rank(r, limit, "lowrank.ranks: each rank", f"at most min(d_out, d_in) of every edited module; {where}")
+    for r_u, r_s in orthogonal:
+        u_limit = min(min(min(s), s[0] - 1) for s in shapes.values())
+        _check_rank(r_u, u_limit, "lowrank.orthogonal: r_utility",
+                    f"below d_out and at most min(d_out, d_in) of every edited module; {where}")
+        _check_rank(r_s, limit, "lowrank.orthogonal: r_safety", f"at most min(d_out, d_in) of every edited module; {where}")
+
+
+def _metric_columns() -> tuple[str, ...]:
+    from .ablation import ABLATION_COLUMNS
+
+    return ABLATION_COLUMNS[ABLATION_COLUMNS.index("fraction_removed") + 1:]
+
+
+#: ``lowrank.csv``: the edit kind (``dense``, ``top_safety``, ``random``, ``orthogonal``), the rank ``r`` of the
+#: top/random rows (``r_safety`` for orthogonal), the orthogonal pair, the mean fraction of rank removed, the metrics.
+LOWRANK_COLUMNS = ("group", "rank", "r_utility", "r_safety", "fraction_removed", *_metric_columns())
+
+
+def lowrank_layout():
+    """The :class:`brittle.ablation.SweepLayout` of the rank sweep (``lowrank.csv``/``.md``/``.png``)."""
+    from .ablation import SweepLayout
+
+    return SweepLayout(
+        "lowrank", LOWRANK_COLUMNS,
+        "`rank` = output directions removed per module (`r`; `r_safety` for `orthogonal`, whose removed rank is at "
+        "most min(r_safety, d_out - r_utility)); `fraction_removed` = removed rank / min(d_out, d_in), mean over the "
+        "edited modules",
+        "rank removed (% of min(d_out, d_in), mean over modules)")
+
+
+def sweep_points(model: nn.Module, safety: Mapping[str, torch.Tensor], utility: Mapping[str, torch.Tensor] | None,
+                 ranks: Sequence[int], orthogonal: Sequence[tuple[int, int]], *, seed: int,
+                 kinds: Sequence[str] = ("top_safety", "random")) -> tuple[list, list[dict[str, Any]]]:
+    """The points of the rank sweep (:class:`brittle.ablation.SweepPoint`, for :func:`brittle.ablation.run_sweep`)
+    and the per-module fractions (rows ``label, module, d_out, d_in, rank, fraction``).
+
+    ``safety``/``utility``: per edited module the top directions at the largest rank needed (nested: each point
+    slices them). Per kind, then per rank: ``top_safety`` (the top-``r`` safety directions), ``random``
+    (:func:`random_plan` with ``seed``, the same modules and ranks); then ``orthogonal`` per ``(r_utility,
+    r_safety)``. Every plan is built and validated here, before any weight changes; each point rebuilds its plan
+    when applied (slices and seeded draws: the same plan) and applies it with :func:`lowrank_modified`."""
+    from .ablation import SweepPoint
+
+    names = list(safety)
+    modules = linear_modules(model)
+
+    def top(r: int) -> Callable[[], dict[str, Edit]]:
+        return lambda: {n: TopRemoval(safety[n][:, :r]) for n in names}
+
+    def rand(r: int) -> Callable[[], dict[str, Edit]]:
+        return lambda: random_plan(model, r, seed=seed, modules=names)
+
+    def orth(r_u: int, r_s: int) -> Callable[[], dict[str, Edit]]:
+        if utility is None or set(utility) != set(names):
+            raise BrittleError("the orthogonal rows need the utility directions of the same modules")
+        return lambda: {n: OrthogonalRemoval(utility[n][:, :r_u], safety[n][:, :r_s]) for n in names}
+
+    specs = [(kind, f"{kind}-r{r}", {"rank": r, "r_utility": None, "r_safety": r if kind == "top_safety" else None},
+              (top if kind == "top_safety" else rand)(r)) for kind in kinds for r in ranks]
+    specs += [("orthogonal", f"orthogonal-u{r_u}-s{r_s}", {"rank": r_s, "r_utility": r_u, "r_safety": r_s},
+               orth(r_u, r_s)) for r_u, r_s in orthogonal]
+    points, per_module = [], []
+    for kind, label, fields, make in specs:
+        plan = make()
+        fractions = fraction_removed(model, plan)  # validates the plan against the weights
+        for n, f in fractions.items():
+            d_out, d_in = linear_weight(modules[n]).shape
+            per_module.append({"label": label, "module": n, "d_out": d_out, "d_in": d_in,
+                               "rank": plan[n].rank, "fraction": f})
+        frac = sum(fractions.values()) / len(fractions)
+        del plan
+        points.append(SweepPoint(kind, label, fields, frac,
+                                 (lambda make=make: lowrank_modified(model, make())),
+                                 f"{label}: removing {frac:.2%} of the rank of {len(fractions)} modules (mean)"))
+    return points, per_module

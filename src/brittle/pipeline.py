@@ -12,6 +12,7 @@ Stage folders in the run directory::
     scores/<set>-<method>/   scores.safetensors (stage "scores", one folder per set)
     groups/                  <group>.safetensors, summary.csv/.md, sweep/<label>.safetensors (stage "groups")
     ablation/                ablation.csv/.md/.png, eval/<label>/ (stage "ablation")
+    lowrank/                 lowrank.csv/.md/.png, fractions.csv, eval/<label>/ (stage "lowrank", ActSVD)
     finetune/                adapter/, loss.csv/.png, drift/, eval/before|after/ (stage "finetune";
                              checkpoints of an unfinished run in checkpoints/finetune/)
     noise/, refit/           sub-runs (data, scores, groups) of the overlap stage: the noise floor on other
@@ -243,6 +244,73 @@ def ablation_stage(ctx: RunContext, cfg: ExperimentConfig) -> StageResult:
                 "rows": len(table)}
 
     return run_stage(ctx, "ablation", ctx.out / "ablation", settings, inputs, produce)
+
+
+def lowrank_stage(ctx: RunContext, cfg: ExperimentConfig) -> StageResult:
+    """Stage ``lowrank`` (ActSVD, :mod:`brittle.lowrank`): the output covariances of the edited modules on the
+    safety (and, for the orthogonal rows, utility) calibration sample of the data stage -- ``scores.nsamples``
+    examples drawn with the run's seed, at the scores' batch size and length -- recorded once per set on the
+    unmodified model; then the dense model and every sweep point (top_safety and random per rank, orthogonal per
+    pair) evaluated like the ablation sweep -> ``lowrank/lowrank.csv``/``.md``/``.png``, ``eval/<label>/`` and
+    ``fractions.csv`` (per point and module, the rank removed / min(d_out, d_in))."""
+    import pandas as pd
+
+    from .ablation import run_sweep
+    from .data.core import load_file, sample
+    from .lowrank import (
+        check_sweep_ranks,
+        lowrank_layout,
+        record_output_covariance,
+        sweep_points,
+        target_modules,
+        top_directions,
+    )
+
+    lr, sc = cfg.lowrank, cfg.scores
+    need = {k: v for k, v in lr.max_ranks().items() if v}  # set -> most directions needed
+    data = ctx.results.get("data")
+    for name in need:
+        if data is None or name not in data.outputs:
+            raise BrittleError(f"lowrank: no set '{name}' in the data stage (its sets: "
+                               f"{', '.join(data.outputs) if data else 'none'}); add it to data.sets")
+        if not data.outputs[name]["n"]:
+            raise DataError(f"lowrank: the set '{name}' ({data.path(name)}) is empty")
+    model, tok, fingerprint = run_model(ctx, cfg)
+    modules = target_modules(model, lr.targets)  # bad roles and ranks fail before any recording or edit
+    check_sweep_ranks(modules, lr.ranks, lr.orthogonal)
+    examples = {name: sample(load_file(data.path(name), require_response=True), sc.nsamples, cfg.seed)
+                for name in need}
+    eval_cfg = cfg.eval_config(lr.eval)
+    settings = {"seed": cfg.seed, **lr.model_dump(mode="json", exclude={"eval"}), "eval": eval_cfg.to_dict(),
+                "calibration": {"nsamples": sc.nsamples, "batch_size": sc.batch_size, "max_length": sc.max_length}}
+    inputs = {"model_weights": fingerprint, "data": {name: data.outputs[name]["sha256"] for name in need}}
+
+    def produce(folder: Path) -> dict[str, Any]:
+        directions, calibration = {}, {}
+        for name, r_max in need.items():
+            stats: dict[str, Any] = {}
+            covs = record_output_covariance(model, tok, examples[name], batch_size=sc.batch_size,
+                                            max_length=sc.max_length, modules=list(modules), progress=ctx.progress,
+                                            stats=stats)
+            if stats["n_response_tokens"] < r_max:
+                ctx.log(f"[lowrank] warning: {stats['n_response_tokens']} response tokens of {name} < {r_max} "
+                        "directions: the covariance's rank is at most the token count, the directions beyond it "
+                        "are arbitrary")
+            directions[name] = {n: top_directions(covs.pop(n), r_max) for n in list(covs)}  # once, at the top rank
+            calibration[name] = {k: stats[k] for k in ("n_examples", "n_tokens", "n_response_tokens")}
+            ctx.log(f"[lowrank] {name}: covariances of {len(directions[name])} modules from "
+                    f"{stats['n_examples']} examples, {stats['n_response_tokens']} response tokens")
+        points, per_module = sweep_points(model, directions["safety"], directions.get("utility"), lr.ranks,
+                                          lr.orthogonal, seed=cfg.seed)
+        pd.DataFrame(per_module).to_csv(folder / "fractions.csv", index=False)
+        table = run_sweep(model, tok, points, folder, lowrank_layout(), eval_config=eval_cfg, progress=ctx.progress,
+                          log=ctx.log)
+        ctx.log(table.to_string(index=False))
+        return {**file_outputs(folder, {"table": "lowrank.csv", "markdown": "lowrank.md", "figure": "lowrank.png",
+                                        "fractions": "fractions.csv"}),
+                "rows": len(table), "modules": len(modules), "calibration": calibration}
+
+    return run_stage(ctx, "lowrank", ctx.out / "lowrank", settings, inputs, produce)
 
 
 def _run_group_files(groups: StageResult | None) -> dict[str, Path]:
@@ -612,6 +680,8 @@ def run_experiment(cfg: ExperimentConfig, ctx: RunContext) -> dict[str, StageRes
             groups_stage(ctx, cfg)
         elif stage == "ablation":
             ablation_stage(ctx, cfg)
+        elif stage == "lowrank":
+            lowrank_stage(ctx, cfg)
         elif stage == "finetune":
             finetune_stage(ctx, cfg)
         elif stage == "overlap":
