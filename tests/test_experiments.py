@@ -78,6 +78,7 @@ def test_stats_compare_the_final_drift_and_follow_the_subsample_over_time(experi
     table = pd.read_csv(results["stats"].path("table"))
     assert {("set_difference", "random_magnitude"), ("top_safety", "random")} <= set(zip(table.group, table.control))
     assert (table.n_group > 1).all() and table.p_adjusted.between(0, 1).all()
+    assert set(table.metric) == {"abs", "rel", "row_cosine", "row_l2"}  # per entry and per output row
     verdict = json.loads(results["stats"].path("verdict").read_text())
     assert verdict["verdict"] in ("H1", "H2", "inconclusive") and verdict["rule"]["margin"] == 0.147
     assert verdict["primary"]["group"] == "set_difference" and verdict["primary"]["control"] == "random_magnitude"

@@ -79,15 +79,15 @@ def test_compare_groups_pools_and_stratifies_by_module_type():
         return GroupDrift(delta, w0)
 
     groups = {"set_difference": group(2.0, tiny_w0=10), "random_magnitude": group(1.0), "random": group(1.0)}
-    table = compare_groups(groups, mods, max_n=500, n_boot=100, seed=0)
+    table = compare_groups(groups, mods, metrics=("abs", "rel"), max_n=500, n_boot=100, seed=0)
     assert set(table.type) == {"all", "q", "down"} and set(table.control) == {"random_magnitude", "random"}
     pooled = table[(table.type == "all") & (table.metric == "abs") & (table.control == "random_magnitude")].iloc[0]
     assert pooled.n_group == 500 and pooled.n_control == 500  # subsampled from 1200
-    whole = compare_groups(groups, mods, max_n=10**6, n_boot=20, seed=0)
+    whole = compare_groups(groups, mods, metrics=("abs", "rel"), max_n=10**6, n_boot=20, seed=0)
     pick = lambda t, m: whole[(whole.type == t) & (whole.metric == m) & (whole.control == "random")].iloc[0]  # noqa: E731
     assert (pick("q", "abs").n_group, pick("q", "rel").n_group, pick("down", "rel").n_group) == (600, 590, 600)
     assert (table.p_adjusted >= table.p_value - 1e-15).all()
-    again = compare_groups(groups, mods, max_n=500, n_boot=100, seed=0)
+    again = compare_groups(groups, mods, metrics=("abs", "rel"), max_n=500, n_boot=100, seed=0)
     assert table.equals(again)
 
 
@@ -105,3 +105,30 @@ def test_bootstrap_by_counts_equals_explicit_resampling():
         cy = np.bincount(rng.integers(0, len(y), len(y)), minlength=len(y))
         got, want = r.effects(cx, cy), _effects(np.repeat(r.xs, cx), np.repeat(r.ys, cy))
         assert got == pytest.approx(want, rel=1e-12, abs=1e-12)
+
+
+def test_row_metrics_match_a_brute_force():
+    """Row cosine and row L2 over each row's group entries, from flat indices and d_in; rows whose W_0 entries are
+    all zero are left out of the cosine. A per-entry cosine, rows taken as columns (index % d_in) or a missing
+    square root would differ."""
+    from brittle.analysis.stats import GroupDrift
+
+    rng = np.random.default_rng(0)
+    d_in = 7
+    index = torch.tensor(sorted(rng.choice(5 * d_in, size=15, replace=False)))
+    w0 = torch.tensor(rng.normal(size=15), dtype=torch.float32)
+    rows = index // d_in
+    w0[rows == rows[0]] = 0.0  # the first row's W_0 is zero: no cosine for it
+    delta = torch.tensor(rng.normal(scale=0.1, size=15), dtype=torch.float32)
+    g = GroupDrift({"m": delta}, {"m": w0}, {"m": rows})
+    cos, l2 = [], []
+    for r in sorted(set(rows.tolist())):
+        sel = (rows == r).numpy()
+        a, d = w0.double().numpy()[sel], delta.double().numpy()[sel]
+        l2.append(np.linalg.norm(d))
+        if np.any(a != 0):
+            cos.append(a @ (a + d) / np.linalg.norm(a) / np.linalg.norm(a + d))
+    assert g.values("row_l2", ["m"]) == pytest.approx(l2, rel=1e-12)
+    assert g.values("row_cosine", ["m"]) == pytest.approx(cos, rel=1e-12)
+    with pytest.raises(ValueError, match="needs the entries' rows"):
+        GroupDrift({"m": delta}, {"m": w0}).values("row_l2", ["m"])

@@ -232,7 +232,9 @@ class StatsConfig(FrozenConfig):
         (("set_difference", "random_magnitude"), ("set_difference", "random"), ("set_difference", "top_utility"),
          ("top_safety", "random_magnitude"), ("top_safety", "random")),
         description="(group, control) comparisons; pairs whose groups were not tracked are skipped.")
-    metrics: tuple[Literal["abs", "rel"], ...] = Field(("abs", "rel"), description="abs = |Delta|, rel = |Delta|/|w0|.")
+    metrics: tuple[Literal["abs", "rel", "row_cosine", "row_l2"], ...] = Field(
+        ("abs", "rel", "row_cosine", "row_l2"),
+        description="abs = |Delta|, rel = |Delta|/|w0| (per entry); row_cosine, row_l2 (per output row).")
     max_n: int = Field(20000, gt=1, description="Entries per side (deterministic subsample) of each comparison.")
     n_boot: int = Field(1000, gt=0, description="Bootstrap resamples of each effect size.")
     margin: float = Field(0.147, gt=0, lt=1, description="Equivalence margin / H1 threshold on Cliff's delta.")

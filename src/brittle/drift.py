@@ -27,6 +27,7 @@ Per (step, group, module) :func:`drift_rows` reports, over the group's ``n`` ent
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -292,7 +293,8 @@ class DriftTracker:
                 tensors[f"{m}.delta"] = d.contiguous()
                 tensors[f"{m}.w0"] = self.w0[g][m].contiguous()
                 tensors[f"{m}.index"] = (rows.to(torch.int64) * self.d_in[m] + cols).contiguous()  # flat, [d_out, d_in]
-            save_file(tensors, str(folder / "final" / f"{g}.safetensors"), metadata={"step": str(self.last_step)})
+            save_file(tensors, str(folder / "final" / f"{g}.safetensors"),
+                      metadata={"step": str(self.last_step), "d_in": json.dumps({m: self.d_in[m] for m in per_module})})
             files[f"final:{g}"] = f"final/{g}.safetensors"
         save_file(self.sample_table(), str(folder / "samples.safetensors"),
                   metadata={"n_sample": str(self.n_sample), "seed": str(self.seed)})

@@ -561,6 +561,7 @@ def stats_stage(ctx: RunContext, cfg: ExperimentConfig) -> StageResult:
     import pandas as pd
 
     from .analysis import PRIMARY, compare_groups, load_group_drift, verdict
+    from .analysis.stats import ROW_METRICS
 
     st = cfg.stats
     ft = _selected_finetune(ctx, cfg, st.finetune, "stats.finetune")
@@ -571,6 +572,12 @@ def stats_stage(ctx: RunContext, cfg: ExperimentConfig) -> StageResult:
     table_file = ft.folder / files["drift:table"]
     samples_file = ft.folder / files["drift:samples"] if "drift:samples" in files else None
     inputs = {"drift": {g: sha256_file(p) for g, p in sorted(finals.items())}, "table": sha256_file(table_file)}
+    d_in = None  # the modules' input widths, for the row metrics of drift files that do not record them
+    run_groups = _run_group_files(ctx.results.get("groups"))
+    if run_groups:
+        from .groups import load_group
+
+        d_in = {m: mask.shape[1] for m, mask in load_group(next(iter(run_groups.values())))[0].items()}
 
     def produce(folder: Path) -> dict[str, Any]:
         from safetensors import safe_open
@@ -578,8 +585,12 @@ def stats_stage(ctx: RunContext, cfg: ExperimentConfig) -> StageResult:
         drift = pd.read_parquet(table_file)
         last = drift[drift["step"] == drift["step"].max()]
         modules = sorted(set(last[last["adapted"]]["module"]))
-        groups = {g: load_group_drift(p) for g, p in finals.items()}
-        table = compare_groups(groups, modules, pairs=st.pairs, metrics=st.metrics, max_n=st.max_n,
+        groups = {g: load_group_drift(p, d_in) for g, p in finals.items()}
+        metrics = [m for m in st.metrics if m not in ROW_METRICS or all(g.rows is not None for g in groups.values())]
+        if len(metrics) < len(st.metrics):
+            ctx.log(f"[stats] left out {', '.join(sorted(set(st.metrics) - set(metrics)))}: the drift files do not "
+                    "record the modules' shapes and the run has no groups stage to read them from")
+        table = compare_groups(groups, modules, pairs=st.pairs, metrics=metrics, max_n=st.max_n,
                                n_boot=st.n_boot, seed=cfg.seed, progress=ctx.progress)
         table.to_csv(folder / "comparisons.csv", index=False)
         primary = table[(table["group"] == PRIMARY[0]) & (table["control"] == PRIMARY[1])

@@ -41,39 +41,67 @@ MARGIN = 0.147
 ALPHA = 0.05
 REL_THRESHOLD = 1e-6
 PRIMARY = ("set_difference", "random_magnitude", "abs")
-METRICS = ("abs", "rel")
+METRICS = ("abs", "rel", "row_cosine", "row_l2")
+ROW_METRICS = ("row_cosine", "row_l2")
 
 
 @dataclass(frozen=True)
 class GroupDrift:
-    """One group's final drift: per module, ``delta`` and ``w0`` of its entries (float32, flat order)."""
+    """One group's final drift: per module, ``delta`` and ``w0`` of its entries (float32, flat order) and, for
+    the row metrics, each entry's output row (``rows``; ``None`` when unknown)."""
 
     delta: Mapping[str, torch.Tensor]
     w0: Mapping[str, torch.Tensor]
+    rows: Mapping[str, torch.Tensor] | None = None
 
     def values(self, metric: str, modules: Sequence[str]) -> np.ndarray:
-        """The metric's values over ``modules`` (float64), in module order."""
+        """The metric's values over ``modules`` (float64), in module order: per entry for ``abs`` (|Delta|) and
+        ``rel`` (|Delta| / |w0|, entries with |w0| >= 1e-6); per output row ``i`` holding group entries ``J_i``
+        for ``row_cosine`` (cosine(W_0[i, J_i], W_t[i, J_i]), rows with W_0[i, J_i] = 0 left out; lower = more
+        drift) and ``row_l2`` (||Delta[i, J_i]||; it grows with the number of entries in the row)."""
+        if metric not in METRICS:
+            raise ValueError(f"unknown metric '{metric}' (known: {', '.join(METRICS)})")
+        if metric in ROW_METRICS and self.rows is None:
+            raise ValueError(f"metric '{metric}' needs the entries' rows (a drift file with d_in, or d_in given)")
         parts = []
         for m in modules:
-            d = self.delta[m].double().abs()
+            d = self.delta[m].double()
             if metric == "abs":
-                parts.append(d)
+                parts.append(d.abs())
             elif metric == "rel":
                 w = self.w0[m].double().abs()
                 keep = w >= REL_THRESHOLD
-                parts.append(d[keep] / w[keep])
+                parts.append(d.abs()[keep] / w[keep])
             else:
-                raise ValueError(f"unknown metric '{metric}' (known: {', '.join(METRICS)})")
+                w = self.w0[m].double()
+                _, inv = torch.unique_consecutive(self.rows[m], return_inverse=True)  # rows come sorted (flat order)
+                n = int(inv.max()) + 1 if len(inv) else 0
+                ww, wd, dd = (torch.zeros(n, dtype=torch.float64).index_add_(0, inv, a * b)
+                              for a, b in ((w, w), (w, d), (d, d)))
+                if metric == "row_l2":
+                    parts.append(dd.sqrt())
+                else:
+                    keep = ww > 0
+                    parts.append((ww + wd)[keep] / (ww[keep] * (ww + 2 * wd + dd)[keep].clamp_min(0)).sqrt())
         return torch.cat(parts).numpy() if parts else np.zeros(0)
 
 
-def load_group_drift(path: str | Path) -> GroupDrift:
-    """Read ``drift/final/<group>.safetensors`` (written by :meth:`brittle.drift.DriftTracker.save`)."""
+def load_group_drift(path: str | Path, d_in: Mapping[str, int] | None = None) -> GroupDrift:
+    """Read ``drift/final/<group>.safetensors`` (written by :meth:`brittle.drift.DriftTracker.save`). The rows of
+    the entries come from their flat indices and each module's ``d_in``: recorded in the file's metadata, or given
+    (e.g. from the shapes of the group files); without either, the row metrics are unavailable."""
+    import json
+
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     t = load_file(str(path))
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    d_in = dict(d_in or json.loads(meta.get("d_in", "{}")))
     mods = sorted({k.rsplit(".", 1)[0] for k in t})
-    return GroupDrift({m: t[f"{m}.delta"] for m in mods}, {m: t[f"{m}.w0"] for m in mods})
+    rows = {m: t[f"{m}.index"] // d_in[m] for m in mods} if mods and all(m in d_in for m in mods) else None
+    return GroupDrift({m: t[f"{m}.delta"] for m in mods}, {m: t[f"{m}.w0"] for m in mods}, rows)
 
 
 def subsample(x: np.ndarray, max_n: int, seed: int) -> np.ndarray:
