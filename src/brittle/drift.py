@@ -88,13 +88,15 @@ def entry_stats(delta: torch.Tensor, w0: torch.Tensor, rows: torch.Tensor, rel_t
     ``cos = (||w||^2 + w.d) / (||w|| ||w + d||)`` with ``||w + d||^2 = ||w||^2 + 2 w.d + ||d||^2``."""
     ctx = context if context is not None else stats_context(w0, rows, rel_threshold)
     absd = delta.float().abs()
-    d = delta.double()
-    out: dict[str, float] = {"n": int(d.numel()), "n_rel_excluded": int((~ctx["keep"]).sum())}
+    n_kept = int(ctx["abs_w_kept"].numel())
+    out: dict[str, float] = {"n": int(absd.numel()), "n_rel_excluded": int(absd.numel()) - n_kept}
     out.update(_stats(absd, "abs"))
-    out.update(_stats(absd[ctx["keep"]] / ctx["abs_w_kept"], "rel"))  # fp32: 1 ulp relative, as Delta itself
-    if d.numel():
+    moved = out["abs_max"] > 0  # else an all-zero Delta (step 0, frozen, not adapted): every statistic is known
+    rel = absd[ctx["keep"]] / ctx["abs_w_kept"] if moved else torch.zeros(n_kept)  # fp32: 1 ulp, as Delta itself
+    out.update(_stats(rel, "rel"))
+    if absd.numel():
         zeros = torch.zeros(ctx["n_rows"], dtype=torch.float64)
-        moved = out["abs_max"] > 0  # all-zero Delta (step 0, frozen, not adapted): nothing to add up
+        d = delta.double() if moved else None
         wd = zeros.index_add(0, ctx["inv"], ctx["w"] * d) if moved else zeros
         dd = zeros.index_add(0, ctx["inv"], d * d) if moved else zeros
         n0sq = ctx["n0sq"]
