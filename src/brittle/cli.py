@@ -268,13 +268,18 @@ def _pq(text: str) -> str | list[list[float]]:
 
     if text in PQ_PRESETS:
         return text
+    return _pairs(text, "--pq", f"'p:q' pairs such as 0.01:0.01,0.02:0.01 (or a preset: {', '.join(PQ_PRESETS)})",
+                  _floats)
+
+
+def _pairs(text: str, what: str, expected: str, numbers) -> list[list]:
+    """Comma-separated 'a:b' pairs, each read by ``numbers`` (``_floats`` or ``_ints``)."""
     pairs = []
     for item in text.split(","):
         parts = item.strip().split(":")
         if len(parts) != 2:
-            raise BrittleError(f"--pq must be a preset ({', '.join(PQ_PRESETS)}) or comma-separated 'p:q' pairs "
-                               f"such as 0.01:0.01,0.02:0.01; '{item.strip()}' is not a 'p:q' pair")
-        pairs.append(_floats(",".join(parts), "--pq"))
+            raise BrittleError(f"{what} expects comma-separated {expected}; '{item.strip()}' is not one")
+        pairs.append(numbers(",".join(parts), what))
     return pairs
 
 
@@ -324,14 +329,7 @@ def _ints(text: str, what: str) -> list[int]:
 def _rank_pairs(text: str) -> list[list[int]]:
     if text.strip().lower() == "none":
         return []
-    pairs = []
-    for item in text.split(","):
-        parts = item.strip().split(":")
-        if len(parts) != 2:
-            raise BrittleError(f"--orthogonal expects comma-separated 'r_utility:r_safety' pairs such as 64:16 (or "
-                               f"none); '{item.strip()}' is not one")
-        pairs.append(_ints(",".join(parts), "--orthogonal"))
-    return pairs
+    return _pairs(text, "--orthogonal", "'r_utility:r_safety' pairs such as 64:16 (or none)", _ints)
 
 
 @app.command("lowrank")
