@@ -561,7 +561,7 @@ def stats_stage(ctx: RunContext, cfg: ExperimentConfig) -> StageResult:
     import pandas as pd
 
     from .analysis import PRIMARY, compare_groups, load_group_drift, verdict
-    from .analysis.stats import ROW_METRICS
+    from .analysis.stats import ROW_METRICS, drift_over_time
 
     st = cfg.stats
     ft = _selected_finetune(ctx, cfg, st.finetune, "stats.finetune")
@@ -580,8 +580,6 @@ def stats_stage(ctx: RunContext, cfg: ExperimentConfig) -> StageResult:
         d_in = {m: mask.shape[1] for m, mask in load_group(next(iter(run_groups.values())))[0].items()}
 
     def produce(folder: Path) -> dict[str, Any]:
-        from safetensors import safe_open
-
         drift = pd.read_parquet(table_file)
         last = drift[drift["step"] == drift["step"].max()]
         modules = sorted(set(last[last["adapted"]]["module"]))
@@ -609,29 +607,16 @@ def stats_stage(ctx: RunContext, cfg: ExperimentConfig) -> StageResult:
         ctx.log(f"[stats] verdict: {record['verdict']} -- {record['reason']}")
         outputs = file_outputs(folder, {"table": "comparisons.csv", "verdict": "verdict.json"})
         if samples_file is not None:
-            rows = []
-            with safe_open(str(samples_file), "pt") as f:
-                steps = f.get_tensor("steps").tolist()
-                for g in (k for k in f.keys() if k != "steps"):
-                    values = f.get_tensor(g).double()
-                    for step, v in zip(steps, values, strict=True):
-                        q = _quartiles(v)
-                        rows.append({"step": step, "group": g, "n": v.numel(), **q})
-            pd.DataFrame(rows).to_csv(folder / "over_time.csv", index=False)
+            from safetensors.torch import load_file
+
+            rows = drift_over_time(load_file(str(samples_file)))
+            pd.DataFrame(rows, columns=["step", "group", "n", "median", "q25", "q75"]).to_csv(
+                folder / "over_time.csv", index=False)
             outputs.update(file_outputs(folder, {"over_time": "over_time.csv"}))
         return {**outputs, "outcome": record["verdict"], "finetune": ft.folder.relative_to(ctx.out).as_posix()}
 
     return run_stage(ctx, "stats", ctx.out / "stats", {"seed": cfg.seed, **st.to_dict()}, inputs, produce)
 
-
-def _quartiles(values) -> dict[str, float]:
-    """Median and interquartile range (linear interpolation) of a 1-D tensor; NaN when empty."""
-    import torch
-
-    if values.numel() == 0:
-        return {"median": float("nan"), "q25": float("nan"), "q75": float("nan")}
-    q = torch.quantile(values, torch.tensor([0.5, 0.25, 0.75], dtype=values.dtype)).tolist()
-    return {"median": q[0], "q25": q[1], "q75": q[2]}
 
 
 def report_stage(ctx: RunContext, cfg: ExperimentConfig | None = None) -> StageResult:

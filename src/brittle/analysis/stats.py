@@ -104,6 +104,25 @@ def load_group_drift(path: str | Path, d_in: Mapping[str, int] | None = None) ->
     return GroupDrift({m: t[f"{m}.delta"] for m in mods}, {m: t[f"{m}.w0"] for m in mods}, rows)
 
 
+def drift_over_time(samples: Mapping[str, torch.Tensor]) -> list[dict[str, float]]:
+    """Per recorded step and group, the median and quartiles (linear interpolation) of ``|Delta|`` over the
+    tracker's fixed subsample (``drift/samples.safetensors``: ``steps`` ``[n_records]`` and per group
+    ``[n_records, n]``); rows ``{"group", "step", "median", "q25", "q75", "n"}``, non-finite values left out."""
+    steps = [int(s) for s in samples["steps"].reshape(-1).tolist()]
+    rows = []
+    for group, table in samples.items():
+        if group == "steps":
+            continue
+        if table.ndim != 2 or table.shape[0] != len(steps):
+            raise ValueError(f"tensor '{group}' has shape {list(table.shape)}, expected [{len(steps)}, n_sample]")
+        for step, v in zip(steps, table.double(), strict=True):
+            v = v[torch.isfinite(v)].numpy()
+            q25, med, q75 = np.quantile(v, [0.25, 0.5, 0.75]) if len(v) else (float("nan"),) * 3
+            rows.append({"group": group, "step": step, "median": float(med), "q25": float(q25), "q75": float(q75),
+                         "n": len(v)})
+    return rows
+
+
 def subsample(x: np.ndarray, max_n: int, seed: int) -> np.ndarray:
     """At most ``max_n`` values of ``x``, chosen by a seeded permutation (all of them, in order, if fewer)."""
     if len(x) <= max_n:

@@ -611,22 +611,17 @@ def _module_type(m: str) -> str:
 
 
 def _samples_over_training(path: Path, source: str = "finetune/drift/samples.safetensors") -> dict[str, Any]:
-    """Median and quartiles of |Delta| per group and recorded step from ``samples.safetensors``."""
-    import numpy as np
+    """Median and quartiles of |Delta| per group and recorded step from ``samples.safetensors``
+    (:func:`brittle.analysis.stats.drift_over_time`, as the stats stage's ``over_time.csv``)."""
+    import torch
+
+    from ..analysis.stats import drift_over_time
 
     t, meta = _load_safetensors_np(path)
     if "steps" not in t:
         raise ValueError("no 'steps' tensor")
-    steps = [int(s) for s in np.asarray(t.pop("steps")).reshape(-1)]
-    rows = []
-    for grp in sorted(t, key=group_sort_key):
-        arr = np.asarray(t[grp], dtype=np.float64)
-        if arr.ndim != 2 or arr.shape[0] != len(steps):
-            raise ValueError(f"tensor '{grp}' has shape {list(arr.shape)}, expected [{len(steps)}, n_sample]")
-        for i, step in enumerate(steps):
-            v = arr[i][np.isfinite(arr[i])]
-            med, q25, q75 = _quartiles(v)
-            rows.append({"group": grp, "step": step, "median": med, "q25": q25, "q75": q75, "n": int(len(v))})
+    rows = drift_over_time({k: torch.as_tensor(v) for k, v in t.items()})
+    rows.sort(key=lambda r: group_sort_key(r["group"]))  # stable: steps stay in order within a group
     n_sample, seed = meta.get("n_sample", ""), meta.get("seed", "")
     return {"source": source,
             "definition": "median and interquartile range of |Delta| over a fixed seeded subsample of each group's "
