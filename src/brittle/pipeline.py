@@ -418,10 +418,7 @@ def _finetune_job(ctx: RunContext, cfg: ExperimentConfig, name: str, ft) -> Stag
                                                       and v is not None))
         return {**outputs, "data": data_record}
 
-    result = run_stage(ctx, "finetune", folder, settings, inputs, produce)
-    if name:  # run_stage files it under the stage's name; a variant is found under its own key
-        ctx.results[finetune_key(name)] = ctx.results.pop("finetune")
-    return result
+    return run_stage(ctx, "finetune", folder, settings, inputs, produce, key=finetune_key(name))
 
 
 def _subrun(ctx: RunContext, cfg: ExperimentConfig, name: str, model: str, sets: dict[str, Path],

@@ -110,12 +110,13 @@ def file_outputs(folder: Path, files: Mapping[str, str]) -> dict[str, dict[str, 
 
 def run_stage(ctx: RunContext, name: str, folder: Path, config: BaseModel | Mapping[str, Any],
               inputs: Mapping[str, Any], produce: Callable[[Path], Mapping[str, Any]], *,
-              seeds: Mapping[str, int] | None = None) -> StageResult:
+              seeds: Mapping[str, int] | None = None, key: str | None = None) -> StageResult:
     """Run ``produce(partial_folder) -> outputs`` unless ``folder`` holds a matching record (see module doc).
 
     ``inputs`` are what the results depend on besides ``config``: sha256 of input files, weight fingerprints,
     earlier stages' output hashes. ``outputs`` are JSON-able; a file output is ``{"file": relative name,
-    "sha256": ...}`` (see :func:`file_outputs`).
+    "sha256": ...}`` (see :func:`file_outputs`). The result is kept in ``ctx.results`` under ``key`` (default: the
+    stage's name; e.g. one key per fine-tuning variant of the one stage ``finetune``).
     """
     folder = Path(folder)
     record = {"config": jsonable(config), "inputs": jsonable(dict(inputs))}
@@ -125,7 +126,7 @@ def run_stage(ctx: RunContext, name: str, folder: Path, config: BaseModel | Mapp
         if old.get("stage") == name and old_record == record:
             ctx.log(f"[{name}] reusing {folder}")
             result = StageResult(name, folder, old, reused=True)
-            ctx.results[name] = result
+            ctx.results[key or name] = result
             return result
         diff = differing_keys(old_record, record) if old.get("stage") == name else ["stage"]
         if not ctx.force:
@@ -155,5 +156,5 @@ def run_stage(ctx: RunContext, name: str, folder: Path, config: BaseModel | Mapp
     partial.rename(folder)
     ctx.log(f"[{name}] done in {seconds:.0f} s -> {folder}")
     result = StageResult(name, folder, man, reused=False)
-    ctx.results[name] = result
+    ctx.results[key or name] = result
     return result
