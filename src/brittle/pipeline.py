@@ -569,18 +569,19 @@ def stats_stage(ctx: RunContext, cfg: ExperimentConfig) -> StageResult:
     table_file = ft.folder / files["drift:table"]
     samples_file = ft.folder / files["drift:samples"] if "drift:samples" in files else None
     inputs = {"drift": {g: sha256_file(p) for g, p in sorted(finals.items())}, "table": sha256_file(table_file)}
-    d_in = None  # the modules' input widths, for the row metrics of drift files that do not record them
     run_groups = _run_group_files(ctx.results.get("groups"))
-    if run_groups:
-        from .groups import load_group
-
-        d_in = {m: mask.shape[1] for m, mask in load_group(next(iter(run_groups.values())))[0].items()}
 
     def produce(folder: Path) -> dict[str, Any]:
         drift = pd.read_parquet(table_file)
         last = drift[drift["step"] == drift["step"].max()]
         modules = sorted(set(last[last["adapted"]]["module"]))
-        groups = {g: load_group_drift(p, d_in) for g, p in finals.items()}
+        groups = {g: load_group_drift(p) for g, p in finals.items()}
+        if run_groups and any(g.rows is None for g in groups.values()):
+            # drift files from before they recorded d_in: the modules' input widths from the run's group files
+            from .groups import load_group
+
+            d_in = {m: mask.shape[1] for m, mask in load_group(next(iter(run_groups.values())))[0].items()}
+            groups = {g: load_group_drift(p, d_in) for g, p in finals.items()}
         metrics = [m for m in st.metrics if m not in ROW_METRICS or all(g.rows is not None for g in groups.values())]
         if len(metrics) < len(st.metrics):
             ctx.log(f"[stats] left out {', '.join(sorted(set(st.metrics) - set(metrics)))}: the drift files do not "
