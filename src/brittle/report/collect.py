@@ -905,7 +905,8 @@ def collect_overlap(run: RunData) -> None:
     df = pd.read_csv(path)
     if _lacks(run, "overlap", df, ("comparison", "group", "unit", "jaccard"), "overlap/overlap.csv"):
         return
-    df["level"] = [unit_level(str(u)) for u in df["unit"]]
+    if "level" not in df:  # the overlap stage writes it; older or hand-made tables: inferred from the unit
+        df["level"] = [unit_level(str(u)) for u in df["unit"]]
     run.tables["overlap"] = df
     cols = [c for c in ("size_a", "size_b", "intersection", "share_a", "share_b", "jaccard", "chance_jaccard",
                         "enrichment", "p_value") if c in df.columns]
