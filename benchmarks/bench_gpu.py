@@ -13,11 +13,13 @@ Sections (each prints its figures as soon as it has them; a failing section does
 
 1. kernel check: the fused SNIP kernel (``brittle.scoring.kernels``) against a float64 reference on random
    bf16 inputs with ragged lengths (skipped where the kernel is unavailable);
-2. per shape: SNIP on ``--examples`` x ``--length`` tokens (bf16 model, fp32 accumulators), the plain
+2. per shape: SNIP (with brittle.memory's estimate beside the measured peak) on ``--examples`` x ``--length`` tokens (bf16 model, fp32 accumulators), the plain
    forward+backward floor over the same batches, their ratio, peak GPU memory, with the fused kernel
    (``BRITTLE_FUSED_SNIP=1``, set by the script); on the first shape also SNIP without it (fp32 batched
    products) and the difference between the two score sets;
-3. on the last shape: ``--lora-steps`` LoRA steps (r 8, alpha 16, every linear module, lr 1e-4; batch 16 of
+3. on the last shape: one ablation evaluation's generation (``--eval-prompts`` prompts, 64 new tokens, a random 1 %
+   group zeroed);
+4. on the last shape: ``--lora-steps`` LoRA steps (r 8, alpha 16, every linear module, lr 1e-4; batch 16 of
    ``--length`` tokens, as 4 x 4 with gradient accumulation when the trainer has it) without and with a drift
    tracker on five random 1 % groups every 10 steps; the ratio of the two wall-clock times and the tracker's
    share measured inside the tracked run.
@@ -50,6 +52,15 @@ DEVICE = "cuda"
 def reset_peak() -> None:
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
+
+
+def estimate_line(model, kind: str, **kw) -> str:
+    """brittle.memory's estimate for this model, to set beside the measured peak (checks the planner's formulas)."""
+    from brittle import memory
+
+    shape = memory.ModelShape.of_model(model)
+    est = (memory.estimate_scoring if kind == "scoring" else memory.estimate_finetune)(shape, dtype="bfloat16", **kw)
+    return f"; brittle.memory estimate {est.total / 2**20:.0f} MiB ({', '.join(est.lines()[:-1])})"
 
 
 def random_examples(tok, n: int, length: int, seed: int) -> list[Example]:
@@ -106,7 +117,8 @@ def snip_section(shape: str, args, first: bool) -> None:
     sync(DEVICE)
     snip_s = time.perf_counter() - t
     print(f"SNIP {args.examples} x {args.length}: {snip_s:.2f} s ({stats['n_tokens']} tokens, "
-          f"{stats['n_response_tokens']} in the loss, batch {args.batch_size}){gpu_peak_mb(DEVICE)}")
+          f"{stats['n_response_tokens']} in the loss, batch {args.batch_size}){gpu_peak_mb(DEVICE)}"
+          f"{estimate_line(model, 'scoring', method='snip', batch_size=args.batch_size, max_length=args.length, fused=True)}")
     batches = batches_of(tok, examples, args.batch_size, args.length, DEVICE)
     floor_time(model, batches[:1])  # warm-up
     reset_peak()
@@ -128,6 +140,32 @@ def snip_section(shape: str, args, first: bool) -> None:
               f"max over modules of max|fused - unfused| / max|unfused| = {worst:.2e}")
         del plain
     del fused, model
+
+
+def eval_section(shape: str, args) -> None:
+    """One ablation evaluation's generation: a random 1 % group zeroed, ``--eval-prompts`` prompts answered greedily
+    (64 new tokens, batches of 64), weights restored. Random weights: the text is noise, the time is not."""
+    from brittle.ablation import ablated
+    from brittle.evaluation.generation import GenerationConfig, generate
+    from brittle.models import linear_modules, linear_weight
+
+    model, tok = load_bench_model(f"random:{shape}", args.tokenizer, torch.bfloat16, DEVICE)
+    gen = torch.Generator().manual_seed(0)
+    group = {n: torch.rand(linear_weight(m).shape, generator=gen) < 0.01 for n, m in linear_modules(model).items()}
+    prompts = [e.prompt[:200] for e in random_examples(tok, args.eval_prompts, 64, 2)]
+    cfg = GenerationConfig(max_new_tokens=64, batch_size=64)
+    generate(model, tok, prompts[:8], GenerationConfig(max_new_tokens=4, batch_size=8), progress=False)  # warm-up
+    reset_peak()
+    sync(DEVICE)
+    t = time.perf_counter()
+    with ablated(model, group):
+        answers = generate(model, tok, prompts, cfg, progress=False)
+    sync(DEVICE)
+    s = time.perf_counter() - t
+    new_tokens = sum(len(tok(a[0], add_special_tokens=False)["input_ids"]) for a in answers)
+    print(f"\n== ablation evaluation on {shape}: {len(prompts)} prompts x 64 new tokens (greedy, batch 64) with a "
+          f"random 1 % group zeroed: {s:.1f} s ({new_tokens / s:.0f} decoded tokens/s){gpu_peak_mb(DEVICE)}")
+    del model
 
 
 def lora_section(shape: str, args) -> None:
@@ -178,7 +216,8 @@ def lora_section(shape: str, args) -> None:
             extra = (f", {len(tracker.rows)} drift rows, {inside[0]:.2f} s in the tracker: in-run ratio "
                      f"{1 + inside[0] / (seconds[kind] - inside[0]):.3f}")
         print(f"{kind:9s}: {seconds[kind]:.1f} s = {seconds[kind] / args.lora_steps:.3f} s/step, final loss "
-              f"{hist.loss[-1]:.4f}{gpu_peak_mb(DEVICE)}{extra}")
+              f"{hist.loss[-1]:.4f}{gpu_peak_mb(DEVICE)}{extra}"
+              f"{estimate_line(model, 'finetune', batch_size=cfg.batch_size, max_length=args.length)}")
         model = trained.unload()  # the base model without the adapters (nothing was merged)
     print(f"ratio tracked / untracked: {seconds['tracked'] / seconds['untracked']:.3f} (target <= 1.05)")
 
@@ -191,6 +230,7 @@ def main() -> int:
     ap.add_argument("--length", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lora-steps", type=int, default=100)
+    ap.add_argument("--eval-prompts", type=int, default=128, help="0: no ablation-evaluation section")
     ap.add_argument("--device", default="cuda", help="cuda; cpu only to try the script out on a tiny shape")
     args = ap.parse_args()
     global DEVICE
@@ -203,6 +243,8 @@ def main() -> int:
     shapes = args.shapes.split(",")
     sections = [("kernel check", kernel_check)]
     sections += [(f"SNIP {s}", lambda s=s, i=i: snip_section(s, args, i == 0)) for i, s in enumerate(shapes)]
+    if args.eval_prompts:
+        sections.append((f"evaluation {shapes[-1]}", lambda: eval_section(shapes[-1], args)))
     if args.lora_steps:
         sections.append((f"LoRA {shapes[-1]}", lambda: lora_section(shapes[-1], args)))
     failed = 0

@@ -114,14 +114,14 @@ def entry_stats(delta: torch.Tensor, w0: torch.Tensor, rows: torch.Tensor, rel_t
 
 
 def _dense_delta(layer) -> torch.Tensor:
-    """``D = sum over active adapters of s * B @ A`` of a LoRA layer, fp32 on the CPU, ``[d_out, d_in]``: one
-    product per module and record, cheaper than gathering ``B[i] . A[:, j]`` entry by entry for every group
-    (the groups share modules)."""
+    """``D = sum over active adapters of s * B @ A`` of a LoRA layer, fp32 on the layer's device, ``[d_out, d_in]``:
+    one product per module and record, cheaper than gathering ``B[i] . A[:, j]`` entry by entry for every group
+    (the groups share modules). It stays on that device: only the tracked entries travel to the CPU."""
     total = None
     for a in layer.active_adapters:
         d = layer.scaling[a] * (layer.lora_B[a].weight.float() @ layer.lora_A[a].weight.float())
         total = d if total is None else total + d
-    return total.cpu()
+    return total
 
 
 class DriftTracker:
@@ -142,6 +142,7 @@ class DriftTracker:
         self.w0: dict[str, dict[str, torch.Tensor]] = {}
         self.d_in = {n: linear_weight(m).shape[1] for n, m in mods.items()}
         self.context: dict[tuple[str, str], dict[str, Any]] = {}
+        self._flat: dict[tuple[str, str, torch.device], torch.Tensor] = {}
         for gname, group in groups.items():
             self.index[gname], self.w0[gname] = {}, {}
             for mname, mask in group.items():
@@ -177,6 +178,14 @@ class DriftTracker:
             start += n
         return out
 
+    def _flat_index(self, group: str, module: str, device: torch.device) -> torch.Tensor:
+        """The tracked entries' flat indices into ``[d_out, d_in]`` on ``device``, made once per device."""
+        key = (group, module, device)
+        if key not in self._flat:
+            rows, cols = self.index[group][module]
+            self._flat[key] = (rows.to(torch.int64) * self.d_in[module] + cols).to(device)
+        return self._flat[key]
+
     def deltas(self, model) -> tuple[dict[str, dict[str, torch.Tensor]], set[str]]:
         """``({group: {module: Delta of its tracked entries}}, adapted modules)`` of the model now."""
         freezer = getattr(model, "brittle_freezer", None)
@@ -193,14 +202,14 @@ class DriftTracker:
                     for g, idx in self.index.items():
                         if m not in idx:
                             continue
-                        rows, cols = idx[m]
                         if dense is None:
-                            out[g][m] = torch.zeros(len(rows), dtype=torch.float32)
+                            out[g][m] = torch.zeros(len(idx[m][0]), dtype=torch.float32)
                             continue
-                        d = dense[rows, cols]
+                        flat = self._flat_index(g, m, dense.device)
+                        d = dense.view(-1)[flat]  # gathered where D was formed: 1 % of a 7B model's D, not all of it, crosses to the CPU
                         if m in frozen:
-                            d = d.masked_fill(frozen[m].cpu()[rows, cols], 0.0)
-                        out[g][m] = d
+                            d = d.masked_fill(frozen[m].to(dense.device).reshape(-1)[flat], 0.0)
+                        out[g][m] = d.cpu()
             return out, set(layers)
         mods = linear_modules(model)
         with torch.no_grad():
