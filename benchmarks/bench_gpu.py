@@ -15,7 +15,7 @@ Sections (each prints its figures as soon as it has them; a failing section does
    bf16 inputs with ragged lengths (skipped where the kernel is unavailable);
 2. per shape: SNIP (with brittle.memory's estimate beside the measured peak) on ``--examples`` x ``--length`` tokens (bf16 model, fp32 accumulators), the plain
    forward+backward floor over the same batches, their ratio, peak GPU memory, with the fused kernel
-   (``BRITTLE_FUSED_SNIP=1``, set by the script); on the first shape also SNIP without it (fp32 batched
+   (the default on CUDA); on the first shape also SNIP without it (``BRITTLE_FUSED_SNIP=0``: fp32 batched
    products) and the difference between the two score sets;
 3. on the last shape: one ablation evaluation's generation (``--eval-prompts`` prompts, 64 new tokens, a random 1 %
    group zeroed);
@@ -80,7 +80,7 @@ def random_examples(tok, n: int, length: int, seed: int) -> list[Example]:
 def kernel_check() -> None:
     from brittle.scoring import kernels
 
-    os.environ["BRITTLE_FUSED_SNIP"] = "1"  # the kernel is opt-in until this check has passed on a GPU
+    os.environ["BRITTLE_FUSED_SNIP"] = "1"
     dev = torch.device(DEVICE)
     g = torch.randn(5, 333, 1000, device=dev, dtype=torch.bfloat16)
     x = torch.randn(5, 333, 700, device=dev, dtype=torch.bfloat16)

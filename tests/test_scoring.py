@@ -222,7 +222,7 @@ def test_examples_formed_in_chunks_equal_one_chunk(monkeypatch, tok, examples):
 
 
 @pytest.mark.parametrize("method", ["snip", "snip-summed"])
-def test_positions_past_the_last_loss_position_never_enter(method):
+def test_positions_past_the_last_loss_position_never_enter(method, monkeypatch):
     """Per example, only positions up to its last loss position enter G_n = dY[n]^T X[n]: a non-finite input
     activation at a padding position (where dY is 0) must not turn 0 * x into NaN, and a non-zero gradient
     there is ignored. Checked on the method itself against a float64 sum over the kept positions."""
@@ -237,11 +237,19 @@ def test_positions_past_the_last_loss_position_never_enter(method):
         g[b, u:] = 1e3  # outside the window: must not count
     m = get_method(method)
     acc = torch.zeros(d_out, d_in)
-    m.accumulate(acc, x, g, BatchInfo((B, T), upto=upto), torch.empty(m.workspace_numel((d_out, d_in), B)) if method == "snip" else None)
+    batch = BatchInfo((B, T), upto=upto)
+    made, tensor = [], torch.tensor
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: made.append(a) or tensor(*a, **k))
+    for _ in range(2):  # two modules of one batch
+        m.accumulate(acc, x, g, batch, torch.empty(m.workspace_numel((d_out, d_in), B)) if method == "snip" else None)
+    monkeypatch.undo()
     per = [g[b, :u].double().t() @ x[b, :u].double() for b, u in enumerate(upto)]
-    ref = sum(p.abs() for p in per) if method == "snip" else sum(per)
+    ref = 2 * (sum(p.abs() for p in per) if method == "snip" else sum(per))
     assert torch.isfinite(acc).all()
     assert (acc.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+    # the window's lengths were copied to the device once for the batch, not once per module (each copy to a GPU
+    # waits for it: per-module copies kept the GPU scorer CPU-bound)
+    assert len(made) == 1 and batch.upto_on("cpu").tolist() == upto
 
 
 def test_subset_and_passes_equal_full_run(tok, examples):

@@ -21,7 +21,7 @@ comes *before* ``|W|`` is multiplied in), and :meth:`ScoreMethod.finish` turns i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -48,6 +48,15 @@ class BatchInfo:
     upto: list[int] | None = None
     #: activation methods: ``[B, T]`` bool, the positions whose input token is a response token.
     input_mask: torch.Tensor | None = None
+    _upto_on: dict[torch.device, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+
+    def upto_on(self, device: torch.device) -> torch.Tensor:
+        """:attr:`upto` as an int32 tensor on ``device``, copied once per batch and device: a host-to-device copy
+        waits for the GPU to finish its queued work, and one per module hook kept the GPU scorer CPU-bound."""
+        device = torch.device(device)
+        if device not in self._upto_on:
+            self._upto_on[device] = torch.tensor(self.upto, dtype=torch.int32).to(device)
+        return self._upto_on[device]
 
 
 class ScoreMethod:
@@ -105,12 +114,12 @@ def examples_per_chunk(weight_shape: tuple[int, int], batch_size: int) -> int:
     return max(1, min(batch_size, WORKSPACE_ELEMENTS // (weight_shape[0] * weight_shape[1])))
 
 
-def _response_window(x: torch.Tensor, g: torch.Tensor, upto: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def _response_window(x: torch.Tensor, g: torch.Tensor, batch: BatchInfo) -> tuple[torch.Tensor, torch.Tensor]:
     """``x`` and ``g`` cut to the batch's last loss position, positions past each example's own last loss
     position zeroed. ``g`` is already zero there (a later position cannot change an earlier loss under causal
     attention); zeroing ``x`` too keeps a non-finite padding activation from turning ``0 * x`` into NaN."""
-    T = max(upto)
-    keep = torch.arange(T, device=x.device).unsqueeze(0) < torch.tensor(upto, device=x.device).unsqueeze(1)
+    T = max(batch.upto)
+    keep = torch.arange(T, device=x.device).unsqueeze(0) < batch.upto_on(x.device).unsqueeze(1)
     keep = keep.unsqueeze(-1)
     zero = torch.zeros((), dtype=x.dtype, device=x.device)
     return torch.where(keep, x[:, :T], zero), torch.where(keep.to(g.device), g[:, :T], zero.to(g.device))
@@ -120,7 +129,7 @@ class Snip(ScoreMethod):
     """``snip``: ``S = |W| * sum_n |dL_n/dW|`` -- the absolute value is taken per example (the paper's SNIP).
 
     The per-example gradient ``G_n = dY[n]^T X[n]`` (``[d_out, d_in]``, a sum over the example's positions up
-    to its last loss position) is formed for several examples at once: on CUDA with bf16/fp16 layers and ``BRITTLE_FUSED_SNIP=1`` by a
+    to its last loss position) is formed for several examples at once: on CUDA with bf16/fp16 layers (unless ``BRITTLE_FUSED_SNIP=0``) by a
     fused kernel (:mod:`brittle.scoring.kernels`: product with fp32 accumulation, ``|.|`` and the sum over
     examples in registers, ``G_n`` never written to memory); elsewhere by one fp32 batched product per chunk of
     examples (:func:`examples_per_chunk`) into the workspace, then ``|.|`` and a sum over the chunk."""
@@ -138,9 +147,9 @@ class Snip(ScoreMethod):
     def accumulate(self, acc, x, g, batch, work=None):
         from . import kernels
 
-        x, g = _response_window(x, g.to(x.device), batch.upto)
+        x, g = _response_window(x, g.to(x.device), batch)
         if kernels.fused_available(acc, x, g):
-            kernels.add_abs_example_grads(acc, g, x, batch.upto)
+            kernels.add_abs_example_grads(acc, g, x, batch.upto_on(acc.device))
             return
         x = x.to(device=acc.device, dtype=torch.float32)
         g = g.to(device=acc.device, dtype=torch.float32)
@@ -168,7 +177,7 @@ class SnipSummed(ScoreMethod):
         return tuple(weight_shape)
 
     def accumulate(self, acc, x, g, batch, work=None):
-        x, g = _response_window(x, g.to(x.device), batch.upto)
+        x, g = _response_window(x, g.to(x.device), batch)
         x = x.to(device=acc.device, dtype=torch.float32)
         g = g.to(device=acc.device, dtype=torch.float32)
         acc.addmm_(g.reshape(-1, g.shape[-1]).t(), x.reshape(-1, x.shape[-1]))
