@@ -204,7 +204,7 @@ def test_data_build_command(tiny_dir, tiny_fingerprint, tmp_path, cache):
 
 
 # --------------------------------------------------------------------------------------------------
-# brittle demo (= brittle run ablation)
+# brittle run ablation (the weight-level sweep on the model's own sets)
 
 # the model's own safety/utility sets, small; a small sweep evaluation
 TINY_DEMO = ["data.n_safety=5", "data.n_utility=5", "data.max_new_tokens=4", "data.judge=keyword-wei",
@@ -214,10 +214,10 @@ DEMO_STAGES = {"data": "data", "scores/safety-snip": "scores:safety", "scores/ut
                "groups": "groups", "ablation": "ablation"}
 
 
-def test_demo_command_runs_every_stage_on_the_models_own_sets(tiny_dir, tiny_fingerprint, tmp_path, cache):
+def test_run_ablation_runs_every_stage_on_the_models_own_sets(tiny_dir, tiny_fingerprint, tmp_path, cache):
     out = tmp_path / "demo"
     sets = [f"model={json.dumps(tiny_dir)}", *TINY_DEMO]
-    args = ["demo", "--out", out, *sum((["--set", s] for s in sets), [])]
+    args = ["run", "ablation", "--out", out, *sum((["--set", s] for s in sets), [])]
     text = _ok(invoke(*args))
     assert "0 of 5 stages reused" in text
     for folder, stage in DEMO_STAGES.items():

@@ -16,7 +16,7 @@ from brittle.data.core import load_file, sample
 from brittle.groups import load_group
 from brittle.io import BrittleError
 from conftest import run_settings, tiny_run_settings
-from test_finetune_stage import TINY
+from test_finetune_stage import TINY, TINY_EVAL
 
 STAGES = 'stages=["data", "scores", "groups", "finetune", "overlap", "stats", "report"]'
 VARIANTS = 'finetune.variants={frozen = {freeze = "set_difference", merge = true}, free = {}}'
@@ -30,6 +30,39 @@ def experiment(smol_tokenizer, tmp_path_factory):
             "overlap.n_boot=50", VARIANTS, 'overlap.finetune="frozen"', 'stats.finetune="free"']
     logs: list[str] = []
     return sets, tmp, run_settings(None, sets, tmp / "run", logs=logs), logs
+
+
+# The shipped demo config itself at a tiny size: only sizes are overridden (its stages, groups, variants and
+# analyses stay as shipped)
+TINY_DEMO = [*[s for s in TINY if not s.startswith(("finetune.freeze=", "finetune.merge=", "groups."))],
+             "stats.n_boot=50", "overlap.n_boot=50", "ablation.sparsities=[0.05]",
+             *[f"ablation.eval.{x}" for x in TINY_EVAL]]
+
+
+def test_demo_runs_every_stage_of_the_shipped_config_and_prints_the_findings(smol_tokenizer, tmp_path):
+    from typer.testing import CliRunner
+
+    from brittle.cli import app
+    from brittle.config import load_config, shipped_config
+
+    sets = [*tiny_run_settings(smol_tokenizer, tmp_path, n_utility=8), *TINY_DEMO]
+    args = ["demo", "--out", str(tmp_path / "demo"), *sum((["--set", s] for s in sets), [])]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    cfg = load_config(shipped_config("demo"), sets)
+    assert set(cfg.stages) == {"data", "scores", "groups", "ablation", "finetune", "overlap", "stats", "report"}
+    report = tmp_path / "demo" / "report"
+    assert f"report: {(report / 'report.html').resolve()}" in res.output
+    findings = (report / "findings.txt").read_text()
+    for part in ("Ablation: refusal on 2 held-out harmful prompts", "Fine-tuning frozen", "Fine-tuning free",
+                 "Experiment 1", "Experiment 2", "verdict"):
+        assert part in findings, part
+    assert findings in res.output
+    verdict = json.loads((tmp_path / "demo" / "stats" / "verdict.json").read_text())
+    assert f"verdict {verdict['verdict']}" in findings
+    res = CliRunner().invoke(app, args)  # a finished demo again: every stage reused
+    assert res.exit_code == 0 and "reusing" in res.output and "recomputing" not in res.output, res.output
+    assert findings in res.output
 
 
 def test_noise_floor_scores_other_examples_and_refit_scores_the_finetuned_model(experiment):
@@ -102,6 +135,16 @@ def test_report_shows_both_experiments(experiment):
     assert not data["overlap"].get("missing") and not data["statistics"].get("missing")
     verdict = json.loads(results["stats"].path("verdict").read_text())["verdict"]
     assert verdict in (folder / "report.txt").read_text()
+
+
+def test_the_model_before_fine_tuning_is_evaluated_once_for_both_fine_tunings(experiment):
+    _, _, results, logs = experiment
+    frozen, free = results["finetune:frozen"].folder, results["finetune:free"].folder
+    assert sum("evaluating the model before fine-tuning" in line for line in logs) == 1
+    assert sum("evaluated already" in line for line in logs) == 1
+    assert (json.loads((free / "eval" / "before" / "summary.json").read_text())
+            == json.loads((frozen / "eval" / "before" / "summary.json").read_text()))
+    assert results["finetune:free"].outputs["evaluation"]["before"] == results["finetune:frozen"].outputs["evaluation"]["before"]
 
 
 def test_rerun_reuses_every_stage_and_sub_run(experiment):

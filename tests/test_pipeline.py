@@ -1,5 +1,5 @@
 """The experiment runner on a tiny model: every stage, one manifest per stage folder, resume, reuse, refusal,
---force, and `brittle run` / `brittle demo` on the command line."""
+--force, and `brittle run` on the command line."""
 
 from __future__ import annotations
 
@@ -99,5 +99,5 @@ def test_run_command_prints_config_and_runs(setup):
     assert res.exit_code == 2 and "config.top" in res.output and "Traceback" not in res.output
     res = runner.invoke(app, ["run", "configs/ablation.toml", "--set", "groups.qq=1"])
     assert res.exit_code == 2 and "unknown key 'groups.qq'" in res.output
-    res = runner.invoke(app, ["demo", "--out", str(tmp_path / "cli"), *sum((["--set", s] for s in sets), [])])
+    res = runner.invoke(app, ["run", "ablation", "--out", str(tmp_path / "cli"), *sum((["--set", s] for s in sets), [])])
     assert res.exit_code == 0 and "5 of 5 stages reused" in res.output, res.output

@@ -330,6 +330,21 @@ def test_empty_run_directory(tmp_path, kind):
     assert "No fine-tuning in this run (no finetune/manifest.json)" in md
     check_html_self_contained(files["html"])
     check_numbers_shown(tmp_path / "out")
+    assert files["findings"].read_text(encoding="utf-8") == ""  # nothing found, nothing claimed
+
+
+def test_findings_of_a_partial_run_name_only_what_it_has(tmp_path):
+    """A run with a fine-tuning but no ablation, overlap or stats: one fine-tuning line with its numbers from
+    results.json, no line for the parts it lacks."""
+    run = tmp_path / "run"
+    run.mkdir()
+    write_groups(run)
+    write_finetune(run)
+    files = build_report(run)
+    lines = files["findings"].read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 1 and lines[0].startswith("- Fine-tuning (") and "refusal" in lines[0]
+    ev = {m["metric"]: m for m in json.loads(files["json"].read_text())["finetune"]["evaluation"]}
+    assert f"refusal {fmt(ev['refusal']['before_value'])} -> {fmt(ev['refusal']['after_value'])}" in lines[0]
 
 
 def test_broken_file_is_a_missing_line(tmp_path):

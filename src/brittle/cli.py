@@ -143,11 +143,25 @@ def demo_cmd(
     set_: SetOpt = None,
     force: ForceOpt = False,
 ) -> None:
-    """The main job, `brittle run ablation`: aligned model -> own safety/utility sets -> SNIP scores -> groups
-    -> ablation sweep (configs/ablation.toml)."""
+    """The main job, `brittle run demo`: aligned model -> own safety/utility sets -> SNIP scores -> groups -> a short
+    ablation sweep, Experiment 1 (overlap after fine-tuning with the set difference frozen, against the noise floor)
+    and Experiment 2 (drift statistics of unconstrained fine-tuning) -> report; ends with the main findings."""
     from .config import shipped_config
 
-    run_stages(out, [], {}, force=force, config=shipped_config("ablation"), sets=set_)
+    cfg, results = run_stages(out, [], {}, force=force, config=shipped_config("demo"), sets=set_)
+    report = results.get("report")
+    if report is None:
+        return
+    typer.echo(f"\nreport: {(report.folder / 'report.html').resolve()}")
+    _echo_findings(report.folder, f"{cfg.model}, seed {cfg.seed}")
+
+
+def _echo_findings(folder: Path, what: str) -> None:
+    """Print the report's findings.txt (the main findings in a few lines), if it has one."""
+    path = folder / "findings.txt"
+    lines = path.read_text(encoding="utf-8") if path.is_file() else ""
+    if lines:
+        typer.echo(f"main findings ({what}; the report gives every figure with its n and interval):\n{lines}", nl=False)
 
 
 @app.command("models")
@@ -468,7 +482,8 @@ def report_cmd(
     if not run.is_dir():
         raise BrittleError(f"{run}: no such run directory")
     result = report_stage(RunContext(out=run, force=True, log=typer.echo), None)
-    typer.echo(f"report: {result.folder / 'report.html'} (and report.md, report.txt, results.json)")
+    typer.echo(f"report: {result.folder / 'report.html'} (and report.md, report.txt, results.json, findings.txt)")
+    _echo_findings(result.folder, str(run))
 
 
 @app.command("eval")

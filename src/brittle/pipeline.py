@@ -361,8 +361,10 @@ def finetune_key(name: str) -> str:
 
 
 def finetune_stage(ctx: RunContext, cfg: ExperimentConfig) -> dict[str, StageResult]:
-    """Stage ``finetune``: each fine-tuning of ``finetune`` (one, or one per variant), in the order given."""
-    return {name: _finetune_job(ctx, cfg, name, job) for name, job in cfg.finetune.jobs().items()}
+    """Stage ``finetune``: each fine-tuning of ``finetune`` (one, or one per variant), in the order given. The model
+    before fine-tuning is evaluated once per evaluation setting: later variants copy the first one's evaluation."""
+    evaluated: dict[str, Path] = {}
+    return {name: _finetune_job(ctx, cfg, name, job, evaluated) for name, job in cfg.finetune.jobs().items()}
 
 
 def _selected_finetune(ctx: RunContext, cfg: ExperimentConfig, name: str | None, what: str) -> StageResult | None:
@@ -371,8 +373,10 @@ def _selected_finetune(ctx: RunContext, cfg: ExperimentConfig, name: str | None,
     return ctx.results.get(key)
 
 
-def _finetune_job(ctx: RunContext, cfg: ExperimentConfig, name: str, ft) -> StageResult:
-    """One fine-tuning: a copy of the run's model (see :mod:`brittle.finetune.job`) into ``finetune[/<name>]``."""
+def _finetune_job(ctx: RunContext, cfg: ExperimentConfig, name: str, ft, evaluated: dict[str, Path]) -> StageResult:
+    """One fine-tuning: a copy of the run's model (see :mod:`brittle.finetune.job`) into ``finetune[/<name>]``.
+    ``evaluated``: evaluation key -> an ``eval/before`` folder of this run's model already written (shared by the
+    variants; filled here)."""
     import copy
     import shutil
 
@@ -403,13 +407,16 @@ def _finetune_job(ctx: RunContext, cfg: ExperimentConfig, name: str, ft) -> Stag
     if ctx.force and checkpoints.exists():
         shutil.rmtree(checkpoints)  # --force: start over rather than resume another setup's training
 
+    before_key = sha256_json({"model_weights": fingerprint, "eval": eval_cfg.model_dump(mode="json")})
+
     def produce(folder: Path) -> dict[str, Any]:
         ctx.log(f"{tag} data {ft.data}: {data_record['n']} examples"
                 + (f" ({data_record['excluded']} left out: the evaluation uses them)" if data_record["excluded"] else ""))
         work = copy.deepcopy(model)  # the run's model stays as loaded for the stages after this one
         outputs = run_finetune(work, tok, examples, ft, folder, train_config=ft.train.model_copy(update={"seed": cfg.seed}),
                                freeze=next(iter(freeze.values()), None), track=track, checkpoint_dir=checkpoints,
-                               eval_config=eval_cfg, progress=ctx.progress, log=ctx.log)
+                               eval_config=eval_cfg, progress=ctx.progress, log=ctx.log,
+                               before_from=evaluated.get(before_key))
         del work
         shutil.rmtree(checkpoints, ignore_errors=True)
         for when, figures in outputs.get("evaluation", {}).items():
@@ -418,7 +425,10 @@ def _finetune_job(ctx: RunContext, cfg: ExperimentConfig, name: str, ft) -> Stag
                                                       and v is not None))
         return {**outputs, "data": data_record}
 
-    return run_stage(ctx, "finetune", folder, settings, inputs, produce, key=finetune_key(name))
+    result = run_stage(ctx, "finetune", folder, settings, inputs, produce, key=finetune_key(name))
+    if ft.evaluate and (result.folder / "eval" / "before" / "summary.json").exists():
+        evaluated.setdefault(before_key, result.folder / "eval" / "before")
+    return result
 
 
 def _subrun(ctx: RunContext, cfg: ExperimentConfig, name: str, model: str, sets: dict[str, Path],

@@ -22,6 +22,7 @@ Files in the stage folder::
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -227,10 +228,12 @@ def eval_change(before: Mapping[str, Any] | None, after: Mapping[str, Any]) -> d
 def run_finetune(model, tokenizer, examples: Sequence[Example], cfg: FinetuneConfig, folder: Path, *,
                  train_config: FinetuneTrainConfig, freeze: Mapping[str, torch.Tensor] | None,
                  track: Mapping[str, Mapping[str, torch.Tensor]], checkpoint_dir: Path | None,
-                 eval_config: EvalConfig, progress: bool = True,
+                 eval_config: EvalConfig, progress: bool = True, before_from: Path | None = None,
                  log: Callable[[str], None] = print) -> dict[str, Any]:
     """Evaluate ``model`` (if ``cfg.evaluate``), fine-tune it in place with drift tracking, write the stage's
-    files into ``folder`` and evaluate the result; returns the outputs record (file names and figures)."""
+    files into ``folder`` and evaluate the result; returns the outputs record (file names and figures).
+    ``before_from``: an ``eval/before`` folder of the same model under the same evaluation settings (another
+    fine-tuning of the run), copied instead of evaluating again."""
     from ..drift import DriftTracker
     from ..evaluation.suite import evaluate_model, prepare_inputs
 
@@ -238,7 +241,13 @@ def run_finetune(model, tokenizer, examples: Sequence[Example], cfg: FinetuneCon
     outputs: dict[str, Any] = {}
     inputs = prepare_inputs(eval_config) if cfg.evaluate else None
     before = None
-    if cfg.evaluate:
+    if cfg.evaluate and before_from is not None:
+        import shutil
+
+        log(f"[finetune] the model before fine-tuning: evaluated already ({before_from})")
+        shutil.copytree(before_from, folder / "eval" / "before", dirs_exist_ok=True)
+        before = json.loads((folder / "eval" / "before" / "summary.json").read_text())
+    elif cfg.evaluate:
         log("[finetune] evaluating the model before fine-tuning")
         before = evaluate_model(model, tokenizer, folder / "eval" / "before", eval_config, overwrite=True,
                                 progress=progress, _inputs=inputs)

@@ -1,5 +1,6 @@
 """Render a run directory into a report: ``report.md`` (with PNG figures next to it), a self-contained
-``report.html``, ``report.txt`` (the seed study's layout) and ``results.json`` (every number the report shows).
+``report.html``, ``report.txt`` (the seed study's layout), ``results.json`` (every number the report shows) and
+``findings.txt`` (the main findings in a few lines, :mod:`brittle.report.findings`).
 
 ``build_report(run_dir, out_dir=None)`` reads only what the run directory holds (see
 :mod:`brittle.report.collect` for the files and columns); a missing part is left out with a line saying what is
@@ -26,7 +27,7 @@ PER_FINETUNE_FIGURES = ("before_after", "drift_over_training", "final_drift")
 
 def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, Path]:
     """Write the report of ``run_dir`` into ``out_dir`` (default ``run_dir / "report"``). Returns the written
-    files: ``{"md", "html", "txt", "json"}`` and ``"figure:<name>"`` for each PNG."""
+    files: ``{"md", "html", "txt", "json", "findings"}`` and ``"figure:<name>"`` for each PNG."""
     from .render import render_html, render_markdown, render_text, write_json
     from .sections import build_blocks, groups_line, model_line
 
@@ -72,6 +73,10 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict
     written["txt"] = out / "report.txt"
     write_json(run.results, out / "results.json")
     written["json"] = out / "results.json"
+    from .findings import findings
+
+    (out / "findings.txt").write_text("".join(f"- {line}\n" for line in findings(run.results)), encoding="utf-8")
+    written["findings"] = out / "findings.txt"
     return written
 
 
