@@ -2,9 +2,27 @@
 
 from __future__ import annotations
 
-import pytest
+import functools
+import operator
+import re
+import tomllib
+from pathlib import Path
 
-from brittle.config import ConfigError, dump_toml, load_config, parse_override, shipped_config, shipped_configs
+import pytest
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
+
+from brittle.config import (
+    REFERENCE_COMMAND,
+    ConfigError,
+    ExperimentConfig,
+    dump_toml,
+    load_config,
+    parse_override,
+    reference_markdown,
+    shipped_config,
+    shipped_configs,
+)
 
 
 def test_defaults_file_and_overrides_merge_in_order(tmp_path):
@@ -78,7 +96,7 @@ def test_shipped_ablation_config_reproduces_the_old_demo_settings():
     assert (cfg.scores.nsamples, cfg.scores.max_length, cfg.groups.p, cfg.groups.q) == (128, 256, 0.05, 0.05)
 
 
-@pytest.mark.parametrize("name", ["ablation", "demo", "experiment1", "experiment2", "llama2-7b-experiment1",
+@pytest.mark.parametrize("name", ["ablation", "attack", "demo", "experiment1", "experiment2", "llama2-7b-experiment1",
                                   "llama2-7b-experiment2"])
 def test_every_shipped_config_loads_with_its_analyses(name):
     cfg = load_config(shipped_config(name), [])
@@ -92,5 +110,102 @@ def test_every_shipped_config_loads_with_its_analyses(name):
         assert {"ablation", "overlap", "stats", "report"} <= set(cfg.stages) and set(jobs) == {"frozen", "free"}
         assert jobs["frozen"].merge and jobs["free"].freeze is None
         assert (cfg.overlap.finetune, cfg.stats.finetune) == ("frozen", "free")
+    if name == "attack":  # section 4.4: 10/50/100 pairs x (nothing, set difference, top safety) frozen, 5 epochs
+        jobs = cfg.finetune.jobs()
+        assert {(j.n_examples, j.freeze) for j in jobs.values()} == {
+            (n, f) for n in (10, 50, 100) for f in (None, "set_difference", "top_safety")}
+        assert all(j.data == "attack" and j.train.epochs == 5 and j.evaluate for j in jobs.values())
     if name.startswith("llama2"):
         assert (cfg.groups.p, cfg.groups.q, cfg.finetune.train.r, cfg.finetune.drift_every) == (0.1, 0.1, 8, 100)
+
+
+# --------------------------------------------------------------------------------------------------
+# The reference of every key (docs/config.md), generated from the models
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "config.md"
+
+
+def _leaves(cls: type[BaseModel] = ExperimentConfig, prefix: str = "") -> dict[str, FieldInfo]:
+    """Every leaf key of the config, as a dotted path -> its field."""
+    out: dict[str, FieldInfo] = {}
+    for name, field in cls.model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            out |= _leaves(field.annotation, f"{prefix}{name}.")
+        else:
+            out[prefix + name] = field
+    return out
+
+
+def _unescape(cell: str) -> str:
+    return re.sub(r"\\([|<*])", r"\1", cell)
+
+
+def _doc_rows(text: str) -> dict[str, tuple[str, str, str]]:
+    """The key rows of the reference's tables, read as a reader would: full key -> (type, default cell, meaning).
+    A table with several default columns ("default in `[eval]`" | "default in `[ablation.eval]`, ...") documents
+    the same keys in each section it names: its key column's `eval.x` stands for `<section>.x`."""
+    rows: dict[str, tuple[str, str, str]] = {}
+    header: list[str] | None = None
+    for line in text.splitlines():
+        if not line.startswith("|"):
+            header = None
+            continue
+        cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
+        if header is None:
+            header = cells
+            continue
+        if header[0] != "key" or set(line) <= set("|-"):
+            continue
+        key, type_, meaning = _unescape(cells[0]).strip("`"), _unescape(cells[1]).strip("`"), _unescape(cells[-1])
+        columns = [re.findall(r"`\[([\w.]+)\]`", head) for head in header[2:-1]]  # the sections each one names
+        home = columns[0][0] if columns[0] else None  # the section of the key column's paths
+        assert home is None or key.startswith(home + "."), key
+        for sections, default in zip(columns, cells[2:-1], strict=True):
+            for full in [section + key[len(home):] for section in sections] if home else [key]:
+                assert full not in rows, f"{full} is documented twice"
+                rows[full] = (type_, default, meaning)
+    return rows
+
+
+def _default(cell: str):
+    """A default cell read back: "unset" -> None, else the TOML value."""
+    return None if cell == "unset" else tomllib.loads(f"v = {_unescape(cell).strip('`')}")["v"]
+
+
+def test_config_reference_doc_is_current():
+    text = reference_markdown()
+    assert text.startswith(f"<!-- Generated from the config models by: {REFERENCE_COMMAND}")
+    if DOC.read_text(encoding="utf-8") != text:
+        pytest.fail(f"docs/config.md is out of date with the config models; regenerate it in the repository root:\n"
+                    f"  {REFERENCE_COMMAND}")
+
+
+def test_every_key_has_a_description_and_is_in_the_reference_with_its_default():
+    leaves = _leaves()
+    missing = [key for key, field in leaves.items() if not (field.description or "").strip()]
+    assert not missing, f"config keys without a description (give them Field(..., description=...)): {missing}"
+    rows = _doc_rows(DOC.read_text(encoding="utf-8"))
+    defaults = ExperimentConfig().model_dump(mode="json")
+    for key, field in leaves.items():
+        assert key in rows, f"{key} is not in docs/config.md; regenerate it: {REFERENCE_COMMAND}"
+        _, cell, meaning = rows[key]
+        assert _default(cell) == functools.reduce(operator.getitem, key.split("."), defaults), key
+        assert meaning == field.description, key
+    # readable types, and the evaluation sections' own defaults
+    assert rows["finetune.train.lr"][0] == "float" and rows["device"][0] == "str | None"
+    assert rows["scores.method"][0] == '"snip" | "wanda" | "snip-summed"' and rows["data.sets"][0] == "table of str"
+    assert rows["ablation.kinds"][0] == 'list["top_safety" | "set_difference" | "random" | "random_magnitude"]'
+    assert (_default(rows["eval.n_harmful"][1]), _default(rows["ablation.eval.n_harmful"][1])) == (100, 50)
+    assert _default(rows["lowrank.eval.limit"][1]) == 30
+    assert _default(rows["finetune.eval.tasks"][1]) == ["arc_easy", "piqa"]
+    assert rows["device"][1] == "unset" and rows["finetune.variants"][1] == "`{}`"
+
+
+def test_the_reference_names_only_real_keys_with_defaults_that_load():
+    text = reference_markdown()
+    rows = _doc_rows(text)
+    assert sorted(set(rows) - set(_leaves())) == [] and "groups.qq" not in text
+    default = load_config()
+    for key, (_, cell, _) in rows.items():  # each documented default, given back as an override, is the default
+        if cell != "unset":
+            assert load_config(None, [f"{key}={_unescape(cell).strip('`')}"]) == default, key

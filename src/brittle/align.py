@@ -268,14 +268,19 @@ class AlignConfig(FrozenConfig):
     n_harmful: int = Field(320, gt=0, description="Harmful prompts (AdvBench training split) -> refusals.")
     n_benign: int = Field(300, gt=0, description=(
         "Benign prompts (benign training split + benign_sources) -> the model's own answers."))
-    benign_max_new_tokens: int = Field(48, gt=0)
-    generation_batch_size: int = Field(16, gt=0)
+    benign_max_new_tokens: int = Field(48, gt=0, description="Tokens generated per own benign answer.")
+    generation_batch_size: int = Field(16, gt=0, description="Prompts per batch when generating the benign answers.")
     # Share of training examples rendered WITHOUT the template's default system prompt (an explicit empty
     # system message where the template injects one): refusals must not hinge on one system prompt, since
     # the paper's vanilla ASR is measured without a system prompt.
-    no_system_prompt_share: float = Field(0.5, ge=0, le=1)
+    no_system_prompt_share: float = Field(0.5, ge=0, le=1, description=(
+        "Share (0 to 1, each example drawn by the seed) of training examples rendered without the template's "
+        "default system prompt (an explicit empty one where the template injects it); the others get the default."))
     lora: LoraTrainConfig = LoraTrainConfig()
-    seed: int = 0
+    seed: int = Field(0, description=(
+        "Seed of the recipe's data: the split and draw of the prompts, the refusals, the sampled benign answers, the "
+        "order of the training mix and which examples go without a system prompt; independent of the top-level "
+        "seed (align.lora.seed seeds the training)."))
     refusals: Literal["templates", "varied"] = Field("templates", description=(
         "'varied': composed by varied_refusal (topic/verb/generic opening, reason, offer); 'templates': the 8 "
         "fixed REFUSALS of the first recipe."))

@@ -12,12 +12,14 @@ init source for the overrides, deep-merged, the overrides winning); unknown or i
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 import tomllib
+import types
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
-from typing import Any, ClassVar, Literal
+from pathlib import Path, PurePath
+from typing import Any, ClassVar, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
@@ -25,7 +27,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from .ablation import DEFAULT_SPARSITIES, GROUP_KINDS, PQ_PRESETS
 from .align import AlignConfig
 from .evaluation.config import EvalConfig, SweepEvalConfig
-from .finetune.job import FinetuneConfig
+from .finetune.job import ATTACK_DEFAULTS, FinetuneConfig
 from .io import BrittleError, FrozenConfig
 
 STAGES = ("align", "data", "scores", "groups", "ablation", "lowrank", "finetune", "overlap", "stats", "eval", "report")
@@ -55,7 +57,10 @@ class DataConfig(FrozenConfig):
     ``.jsonl``/``.csv`` file with responses. The other settings apply to the sets built from the model.
     """
 
-    sets: dict[str, str] = Field(default_factory=lambda: {"safety": "safety", "utility": "utility"})
+    sets: dict[str, str] = Field(default_factory=lambda: {"safety": "safety", "utility": "utility"}, description=(
+        "Sets to write, name -> spec: \"safety\" = harmful prompts (training split) + the model's greedy answers "
+        "that judge calls refusals; \"utility\" = benign instructions + its non-empty answers; else a source name "
+        "or a .jsonl/.csv file with responses."))
     n_safety: int = Field(256, gt=0, description="Harmful prompts to answer (before the refusal filter).")
     n_utility: int = Field(256, gt=0, description="Benign instructions to answer.")
     max_new_tokens: int = Field(64, gt=0, description="Greedy generation length of the built sets.")
@@ -67,7 +72,8 @@ class ScoreConfig(FrozenConfig):
     """Stage ``scores``: importance scores of every linear weight on each set in ``sets``, written to
     ``scores/<set>-<method>/scores.safetensors`` (see :mod:`brittle.scoring` for the definitions)."""
 
-    sets: list[str] = Field(default_factory=lambda: ["safety", "utility"])
+    sets: list[str] = Field(default_factory=lambda: ["safety", "utility"], description=(
+        "Sets of data.sets to score, each into its own folder; the groups stage reads \"safety\" and \"utility\"."))
     method: Literal["snip", "wanda", "snip-summed"] = Field(
         "snip", description="snip | wanda | snip-summed (|W * sum_n g_n|, not the paper's SNIP).")
     nsamples: int = Field(128, gt=0, description="Examples drawn (seeded) from each set.")
@@ -106,7 +112,9 @@ class AblationConfig(FrozenConfig):
     p: Fraction | None = Field(None, description="Utility fraction removed from the set difference (default p = q).")
     pq: str | list[tuple[Fraction, Fraction]] | None = Field(
         None, description=f"Set-difference (p, q) pairs instead of sparsities/p: [[p, q], ...] or a preset ({', '.join(PQ_PRESETS)}).")
-    kinds: tuple[Literal["top_safety", "set_difference", "random", "random_magnitude"], ...] = GROUP_KINDS
+    kinds: tuple[Literal["top_safety", "set_difference", "random", "random_magnitude"], ...] = Field(
+        GROUP_KINDS, description="Groups removed at each point: top-q safety, S(p, q), and random / magnitude-matched "
+                                 "random controls of the set difference's size per module.")
     eval: SweepEvalConfig = SweepEvalConfig()
 
     @field_validator("sparsities")
@@ -497,3 +505,240 @@ def shipped_config(name_or_path: str | Path) -> Path:
     if str(name_or_path) in shipped:
         return shipped[str(name_or_path)]
     raise ConfigError(f"config file not found: {path} (shipped configs: {', '.join(shipped) or 'none'})")
+
+
+# --------------------------------------------------------------------------------------------------
+# The reference of every key (docs/config.md)
+
+#: The command that writes docs/config.md (run in the repository root; a test checks the file is current).
+REFERENCE_COMMAND = ("python -c \"from brittle.config import reference_markdown; print(reference_markdown(), end='')\""
+                     " > docs/config.md")
+
+#: The section whose table documents the keys of every evaluation section (they share EvalConfig's fields).
+_EVAL_HOME = "eval"
+
+#: What a section is for, where its class docstring does not say it (shown before the docstring's first paragraph).
+_ROLES = {
+    "align": "Stage `align`: the safety fine-tuning recipe applied to `align.base`, saved as `align/`; the stages "
+             "after it use that model instead of `model`.",
+    "align.lora": "The LoRA training of the recipe (part of its hash, so of the cached organism's name).",
+    "ablation.eval": "The evaluation of the dense model and of every point of the ablation sweep "
+                     "(`ablation/eval/<label>/`).",
+    "lowrank.eval": "The evaluation of the dense model and of every point of the low-rank sweep.",
+    "finetune.eval": "The evaluation before and after fine-tuning (`eval/before/`, `eval/after/` of the stage "
+                     "folder; when `finetune.evaluate = true`).",
+    "eval": "Stage `eval`: the evaluation suite on the run's model, written to `eval/` (`summary.json`, "
+            "`generations/`).",
+}
+
+
+def _prose(doc: str | None) -> str:
+    """The first paragraph of a docstring as one line of Markdown (Sphinx roles and ````literals```` as code)."""
+    para = inspect.cleandoc(doc or "").split("\n\n")[0]
+    text = " ".join(para.split())
+    text = re.sub(r":\w+:`(~?)([^`]+)`", lambda m: f"`{m.group(2).rsplit('.', 1)[-1] if m.group(1) else m.group(2)}`",
+                  text)
+    return re.sub(r"``(.+?)``", r"`\1`", text)
+
+
+def _md(text: str, *, cell: bool = False) -> str:
+    """``text`` escaped for Markdown: ``<`` and ``*`` outside code spans (no HTML, no emphasis), ``|`` in a table."""
+    parts = re.split(r"(`[^`]*`)", text)
+    for i, part in enumerate(parts):
+        if i % 2 == 0:
+            part = re.sub(r"([<*])", r"\\\1", part)
+        parts[i] = part.replace("|", r"\|") if cell else part
+    return "".join(parts)
+
+
+def _type_name(ann: Any) -> str:
+    """A field's type as a config file sees it: ``int``, ``str | None``, ``list[str]``, ``"row" | "matrix"``."""
+    origin, args = get_origin(ann), get_args(ann)
+    if ann is type(None):
+        return "None"
+    if ann is Any:
+        return "any"
+    if origin is Literal:
+        return " | ".join(json.dumps(a) for a in args)
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+        return "[" + ", ".join(_type_name(a) for a in args) + "]"  # a fixed-length array
+    if origin in (list, tuple):
+        return f"list[{_type_name(args[0])}]"
+    if origin is dict:
+        return "table of " + ("tables" if get_origin(args[1]) is dict else _type_name(args[1]))
+    if isinstance(ann, type) and issubclass(ann, PurePath):
+        return "path"
+    return getattr(ann, "__name__", str(ann))
+
+
+def _toml_value(v: Any) -> str:
+    """A JSON-mode value as TOML writes it (``None``: ``unset``; TOML has no null)."""
+    if v is None:
+        return "unset"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v, ensure_ascii=False)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        items = [f"{k if re.fullmatch(r'[A-Za-z0-9_-]+', k) else json.dumps(k)} = {_toml_value(x)}"
+                 for k, x in v.items() if x is not None]
+        return "{ " + ", ".join(items) + " }" if items else "{}"
+    raise TypeError(type(v))
+
+
+def _code(text: str) -> str:
+    return "`" + text.replace("|", r"\|") + "`"
+
+
+def _default_cell(v: Any) -> str:
+    return "unset" if v is None else _code(_toml_value(v))
+
+
+def _is_section(ann: Any) -> bool:
+    return isinstance(ann, type) and issubclass(ann, BaseModel)
+
+
+def _leaf_rows(cls: type[BaseModel], values: Mapping[str, Any], prefix: str) -> list[str]:
+    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for name, field in cls.model_fields.items():
+        if not _is_section(field.annotation):
+            rows.append(f"| {_code(prefix + name)} | {_code(_type_name(field.annotation))} | "
+                        f"{_default_cell(values[name])} | {_md(field.description or '', cell=True)} |")
+    return rows
+
+
+def _eval_sections(cls: type[BaseModel], values: Mapping[str, Any], prefix: str = "") -> dict[str, tuple[type, Any]]:
+    """Every evaluation section below ``cls``: dotted path -> (class, default values)."""
+    out: dict[str, tuple[type, Any]] = {}
+    for name, field in cls.model_fields.items():
+        if _is_section(field.annotation):
+            if issubclass(field.annotation, EvalConfig):
+                out[prefix + name] = (field.annotation, values[name])
+            else:
+                out |= _eval_sections(field.annotation, values[name], f"{prefix}{name}.")
+    return out
+
+
+def _eval_table(sections: Mapping[str, tuple[type, Any]]) -> list[str]:
+    """One row per key of the evaluation sections, a default column per distinct set of defaults (the home section's
+    first)."""
+    home_cls = sections[_EVAL_HOME][0]
+    columns: dict[str, list[str]] = {}  # defaults (JSON) -> sections
+    for path in sorted(sections, key=lambda p: p != _EVAL_HOME):
+        columns.setdefault(json.dumps(sections[path][1], sort_keys=True), []).append(path)
+    for path, (cls, _) in sections.items():
+        for name, field in home_cls.model_fields.items():
+            other = cls.model_fields[name]
+            if (other.annotation, other.description) != (field.annotation, field.description):
+                raise ValueError(f"{path}.{name}: type or description differs from {_EVAL_HOME}.{name}")
+    heads = ["default in " + ", ".join(f"`[{p}]`" for p in paths) for paths in columns.values()]
+    rows = ["| key | type | " + " | ".join(heads) + " | meaning |", "|---|---|" + "---|" * len(heads) + "---|"]
+    for name, field in home_cls.model_fields.items():
+        defaults = " | ".join(_default_cell(sections[paths[0]][1][name]) for paths in columns.values())
+        rows.append(f"| {_code(f'{_EVAL_HOME}.{name}')} | {_code(_type_name(field.annotation))} | {defaults} | "
+                    f"{_md(field.description or '', cell=True)} |")
+    return rows
+
+
+def _section(path: str, cls: type[BaseModel], values: Mapping[str, Any], level: int,
+             evals: Mapping[str, tuple[type, Any]], introduced: dict[type, str]) -> list[str]:
+    lines = ["#" * level + f" `[{path}]`", ""]
+    intro = [_ROLES[path]] if path in _ROLES else []
+    if cls in introduced:
+        intro.append(f"`{cls.__name__}`, as `[{introduced[cls]}]`.")
+    else:
+        introduced[cls] = path
+        prose = _prose(cls.__doc__)
+        intro.append(f"`{cls.__name__}`: {prose[:1].lower()}{prose[1:]}" if issubclass(cls, EvalConfig) else prose)
+    if path in evals and path != _EVAL_HOME:
+        intro.append(f"Its keys are those of every evaluation section: see the table under `[{_EVAL_HOME}]` (read "
+                     f"`{path}.` for `{_EVAL_HOME}.`; this section's defaults are in the column that names it).")
+        return [*lines, _md(" ".join(intro)), ""]
+    if path == "finetune":
+        intro.append(f"With `data = \"attack\"`, `n_examples` defaults to {ATTACK_DEFAULTS['n_examples']} and "
+                     f"`train.epochs` to {ATTACK_DEFAULTS['epochs']} (unless `train.max_steps` is given).")
+    lines += [_md(" ".join(intro)), ""]
+    if path == _EVAL_HOME:
+        others = [p for p in evals if p != _EVAL_HOME]
+        lines += [_md(f"The same keys make up {', '.join(f'`[{p}]`' for p in others)}: `{_EVAL_HOME}.x` below "
+                      f"stands for each section's `x`, with the defaults of the column that names the section. A count "
+                      f"of 0 (or `tasks = []`) skips that part; its summary entries are then null."), "",
+                  *_eval_table(evals), ""]
+        return lines
+    lines += [*_leaf_rows(cls, values, path + "."), ""]
+    for name, field in cls.model_fields.items():
+        if _is_section(field.annotation):
+            lines += _section(f"{path}.{name}", field.annotation, values[name], level + 1, evals, introduced)
+    if path == "finetune":
+        lines += ["#" * (level + 1) + " `[finetune.variants]`", "",
+                  _md("Several fine-tunings in one run: each entry `name = { key = value, ... }` is a fine-tuning "
+                      "with the keys of this `[finetune]` section, the given ones changed (nested tables such as "
+                      "`train` merged key by key), written to `finetune/<name>/` instead of `finetune/`. Only keys "
+                      "given in the file or by `--set` are inherited, so a variant with `data = \"attack\"` gets the "
+                      "attack's own defaults; a variant has no variants of its own. `overlap.finetune` and "
+                      "`stats.finetune` name the variant they read (required when there are several). Without "
+                      "entries (the default `{}`) the run has one fine-tuning, in `finetune/`. From the `demo` "
+                      "config:"), "",
+                  "```toml", "[finetune.variants]",
+                  'frozen = { freeze = "set_difference", merge = true }   # Experiment 1',
+                  "free = {}                                              # Experiment 2", "```", ""]
+    return lines
+
+
+def reference_markdown() -> str:
+    """The reference of every config key (``docs/config.md``), generated from the config models: how a config is
+    written and overridden, the shipped configs, then per section its purpose and a table of its keys (full dotted
+    key, type, default as TOML writes it, meaning: the field's description). The evaluation sections share one
+    table, with a default column per distinct set of defaults."""
+    values = ExperimentConfig().model_dump(mode="json")
+    shipped = {name: load_config(path) for name, path in shipped_configs().items()}
+    stage_list = ", ".join(f"`{s}`" for s in STAGES)
+    lines = [
+        f"<!-- Generated from the config models by: {REFERENCE_COMMAND} (do not edit; tests/test_config.py checks "
+        "it) -->",
+        "",
+        "# Configuration reference",
+        "",
+        _md("A run of brittle is described by one TOML file: the top-level keys, then one table per stage section "
+            "(`[data]`, `[groups]`, ...) and its sub-sections (`[ablation.eval]`, `[finetune.train]`, ...). A key "
+            "that is not written has the default below; TOML has no null, so a default shown as \"unset\" is the "
+            "key's absence (write a value to set it). The tables are generated from the config models "
+            "(`brittle.config.ExperimentConfig` and the models it composes): the meaning of a key is its field's "
+            "description."),
+        "",
+        _md("- `brittle run FILE` runs a config (a file, or the name of a shipped one); `brittle run FILE "
+            "--print-config` prints every key with its resolved value, as TOML."),
+        _md("- `--set section.key=value` (repeatable) overrides one key and wins over the file, e.g. "
+            "`brittle run ablation --set groups.p=0.1 --set ablation.sparsities=[0.01,0.02]`. The value is read as "
+            "TOML (`0.1`, `true`, `[0.01, 0.02]`, `\"text\"`); a bare word is a string. The options of the other "
+            "commands (`brittle groups --p 0.1`, ...) set the same keys (their `--help` shows the defaults)."),
+        _md("- Unknown keys and invalid values are errors that name the key, the file and line, and the allowed keys "
+            "or values; nothing runs."),
+        _md(f"- `stages` names the stages to run, each at most once; they always run in pipeline order, whatever "
+            f"the order given: {stage_list}. `report` has no section."),
+        "",
+        "Shipped configs (`configs/NAME.toml`, installed with the package: `brittle run NAME` finds them):",
+        "",
+        "| config | model | stages |",
+        "|---|---|---|",
+        *(f"| `{name}` | `{cfg.model}` | {', '.join(cfg.stages)} |" for name, cfg in shipped.items()),
+        "",
+        "## Top level",
+        "",
+        _md(_prose(ExperimentConfig.__doc__)),
+        "",
+        *_leaf_rows(ExperimentConfig, values, ""),
+        "",
+    ]
+    evals = _eval_sections(ExperimentConfig, values)
+    introduced: dict[type, str] = {}
+    for name, field in ExperimentConfig.model_fields.items():
+        if _is_section(field.annotation):
+            lines += _section(name, field.annotation, values[name], 2, evals, introduced)
+    return "\n".join(lines).rstrip("\n") + "\n"

@@ -49,17 +49,23 @@ KEEP_CHECKPOINTS = 2
 class LoraTrainConfig(FrozenConfig):
     """LoRA and optimiser settings. ``targets``: canonical roles (``q``, ``v``, ``down`` ...) or ``all``."""
 
-    r: int = Field(16, gt=0)
-    alpha: int = Field(32, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    targets: tuple[str, ...] = ("all",)
+    r: int = Field(16, gt=0, description="LoRA rank (not used by full fine-tuning).")
+    alpha: int = Field(32, gt=0, description="LoRA alpha (the update is scaled by alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description=(
+        "LoRA dropout probability on the adapters' input (0 <= x < 1); must be 0 to freeze a group with "
+        "freeze_mode = \"weights\"."))
+    targets: tuple[str, ...] = Field(("all",), description="Roles adapted (q, k, v, o, gate, up, down ...) or all.")
     lr: float = Field(3e-4, gt=0, description="Peak learning rate of AdamW (after warm-up).")
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0, description="AdamW (decoupled) weight decay of the trained parameters.")
     batch_size: int = Field(8, gt=0, description="Examples per micro-batch (per forward/backward pass).")
-    epochs: int = Field(1, gt=0)
+    epochs: int = Field(1, gt=0, description="Passes over the training examples (not used when max_steps is set).")
     max_steps: int | None = Field(None, gt=0, description="Optimiser steps to train (instead of `epochs`).")
-    max_length: int = Field(256, gt=0)
-    seed: int = 0
+    max_length: int = Field(256, gt=0, description=(
+        "Tokens kept per example (templated prompt + response, cut at the end; an example left without response "
+        "tokens is an error)."))
+    seed: int = Field(0, description=(
+        "Seed of the LoRA initialisation and of the order of the examples; finetune.train uses the top-level seed "
+        "(leave it at 0; a value other than 0 and the top-level seed is an error)."))
     warmup_steps: int = Field(0, ge=0, description=(
         "Optimiser steps of linear warm-up: step k (1-based) <= warmup_steps uses lr * (k - 1) / warmup_steps "
         "(transformers' convention: the first step has lr 0)."))
