@@ -153,3 +153,171 @@ def test_samples_follow_fixed_entries_over_time(smol_tokenizer, tmp_path):
     assert len(tracker.sample_index["random"]) > 1  # spread over modules, not the first one's entries
     again = DriftTracker(model, groups, every=1, n_sample=total // 3, seed=5).sample_index["random"]
     assert all(torch.equal(again[m], p) for m, p in tracker.sample_index["random"].items())
+
+
+# --- the torch statistics path (what runs on a CUDA model), exercised on CPU tensors -----------------------------
+
+def _reference(d, w0, rows, rel_threshold=1e-6):
+    """Brute force in float64 from a full sort: order statistics read at their ranks (quantile ``q``:
+    ``s[lo] + (s[hi] - s[lo]) (p - lo)``, ``p = (n - 1) q``), the ratio formed in fp32 as the tracker does."""
+    def summary(v, prefix):
+        n = len(v)
+        if n == 0:
+            return {f"{prefix}_{k}": math.nan for k in ("mean", "median", "q05", "q25", "q75", "q95", "max")}
+        s = np.sort(v).astype(np.float64)
+        out = {f"{prefix}_mean": math.fsum(s) / n, f"{prefix}_median": s[(n - 1) // 2], f"{prefix}_max": s[-1]}
+        for q in (0.05, 0.25, 0.75, 0.95):
+            p = (n - 1) * q
+            lo, hi = int(p), min(int(p) + 1, n - 1)
+            out[f"{prefix}_q{int(q * 100):02d}"] = s[lo] + (s[hi] - s[lo]) * (p - lo)
+        return out
+
+    d32, w32 = np.float32(d), np.float32(w0)
+    keep = np.abs(w32.astype(np.float64)) >= rel_threshold
+    moved = np.abs(d32).max() != 0
+    rel = np.abs(d32[keep]) / np.abs(w32[keep]) if moved else np.zeros(int(keep.sum()), np.float32)
+    out = {"n": len(d), "n_rel_excluded": int((~keep).sum()), **summary(np.abs(d32), "abs"), **summary(rel, "rel")}
+    a, dd = w32.astype(np.float64), d32.astype(np.float64)
+    cos, l2, rl2 = [], [], []
+    for r in np.unique(rows):
+        wa, da = a[rows == r], dd[rows == r]
+        l2.append(math.sqrt(math.fsum(da * da)))
+        n0 = math.sqrt(math.fsum(wa * wa))
+        cos.append(math.fsum(wa * (wa + da)) / max(n0 * math.sqrt(math.fsum((wa + da) ** 2)), 1e-300))
+        rl2.append(l2[-1] / max(n0, 1e-300))
+    k = (len(cos) - 1) // 2
+    out.update({"n_rows": len(cos), "row_cosine_mean": np.mean(cos), "row_cosine_median": np.sort(cos)[k],
+                "row_l2_mean": np.mean(l2), "row_l2_median": np.sort(l2)[k], "row_rel_l2_mean": np.mean(rl2),
+                "row_rel_l2_median": np.sort(rl2)[k]})
+    return out
+
+
+ORDER = ("median", "q05", "q25", "q75", "q95", "max")
+
+
+def _case(name):
+    rng = np.random.default_rng(1)
+    if name == "random":  # ragged rows (1 to 40 entries), |w0| = 0 and 0 < |w0| < threshold (a huge ratio if kept)
+        rows = np.concatenate([[0], np.sort(rng.integers(1, 300, size=4999))])  # row 0 holds one entry
+        w0 = rng.normal(scale=0.02, size=5000)
+        w0[[3, 17, 400]] = 0.0
+        w0[[5, 900, 4999]] = 3e-7
+        return rng.normal(scale=1e-4, size=5000), w0, rows, 1e-6
+    if name == "one entry":
+        return np.array([-2.5e-3]), np.array([0.7]), np.array([4]), 1e-6
+    if name == "all-zero delta":  # no sort on the CPU path; on the torch path the same zeros, with 0/0 kept as 0
+        w0 = rng.normal(size=64)
+        w0[:3] = 0.0
+        return np.zeros(64), w0, np.arange(64) // 5, 0.0
+    if name == "nothing kept":  # every |w0| below the threshold: relative statistics NaN, counted as excluded
+        return rng.normal(size=30), np.full(30, 1e-8), np.zeros(30, dtype=np.int64), 1e-6
+    if name == "one entry per row":
+        return rng.normal(scale=1e-2, size=50), rng.normal(size=50), np.arange(50) * 3, 1e-6
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize("case", ["random", "one entry", "all-zero delta", "nothing kept", "one entry per row"])
+def test_torch_statistics_equal_numpy_path_and_brute_force(case):
+    """The torch path (one torch.sort, excluded entries sorted last as +inf, float64 index_add_) against the numpy
+    path and a float64 brute force: order statistics exactly, means and row statistics to 1e-12. Catches a rank
+    off by one, ranks of n read where n_kept was meant (the padding leaking in), excluded entries in the relative
+    mean or max, an fp32 mean, a wrong row inverse index, and 0/0 = NaN for an all-zero Delta."""
+    d, w0, rows, thr = _case(case)
+    args = (torch.tensor(d, dtype=torch.float32), torch.tensor(w0, dtype=torch.float32), torch.tensor(rows))
+    got_numpy = entry_stats(*args, thr)
+    got_torch = entry_stats(*args, thr, _torch=True)
+    want = _reference(d, w0, rows, thr)
+    assert list(got_torch) == list(got_numpy)  # the same columns, in the same order
+    for k, v in want.items():
+        for got in (got_numpy, got_torch):
+            if isinstance(v, int):
+                assert got[k] == v, k
+            elif math.isnan(v):
+                assert math.isnan(got[k]), k
+            elif k.split("_", 1)[0] in ("abs", "rel") and k.rsplit("_", 1)[1] in ORDER:
+                assert got[k] == v, (k, got[k], v)  # order statistics do not depend on the summation
+            else:
+                assert math.isclose(got[k], v, rel_tol=1e-12, abs_tol=1e-300), (k, got[k], v)
+    if case == "all-zero delta":
+        assert got_torch["rel_max"] == 0.0 and got_torch["row_l2_mean"] == 0.0
+
+
+def test_torch_statistics_path_never_waits_for_the_device():
+    """On the meta device every read of a value (``.item()``, ``bool()``, a boolean-mask selection, ``.numpy()``)
+    raises: the torch path must run there, since each such read on CUDA waits for the GPU. The numpy path
+    cannot."""
+    from brittle.drift import _entry_vector, stats_context
+
+    d, w0, rows, thr = _case("random")
+    ctx = stats_context(torch.tensor(w0, dtype=torch.float32), torch.tensor(rows), thr, _torch=True)
+    meta = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in ctx.items()}
+    out = _entry_vector(torch.tensor(d, dtype=torch.float32, device="meta"), meta)
+    assert out.device.type == "meta" and out.shape == _entry_vector(torch.tensor(d, dtype=torch.float32), ctx).shape
+    cpu_ctx = stats_context(torch.tensor(w0, dtype=torch.float32), torch.tensor(rows), thr)
+    with pytest.raises((RuntimeError, TypeError, NotImplementedError)):
+        _entry_vector(torch.tensor(d, dtype=torch.float32, device="meta"),
+                      {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in cpu_ctx.items()})
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_tracker_on_the_torch_path_logs_what_the_numpy_path_logs(smol_tokenizer, monkeypatch, full):
+    """A tracker built with the torch statistics context (what a CUDA model gets: device-side record, one transfer
+    of the scalars, the subsample gathered on the device) beside the default CPU tracker in the same run, LoRA with a
+    weights-frozen group or full fine-tuning: the same rows (order statistics exactly), subsamples and final Delta,
+    and CPU tensors in ``final``, ``w0`` and ``state_dict``."""
+    import brittle.drift as drift
+
+    model = tiny_model("llama", vocab_size=len(smol_tokenizer), initializer_range=0.5)
+    groups = _groups(model)
+    cpu = DriftTracker(model, groups, every=2)
+    real = drift.stats_context
+    monkeypatch.setattr(drift, "stats_context", lambda *a, **k: real(*a, **k, _torch=True))
+    dev = DriftTracker(model, groups, every=2)
+    monkeypatch.setattr(drift, "stats_context", real)
+    assert all(c["torch"] for c in dev.context.values()) and not any(c["torch"] for c in cpu.context.values())
+
+    def on_step(step, loss, m):
+        cpu.on_step(step, loss, m)
+        dev.on_step(step, loss, m)
+
+    cfg = LoraTrainConfig(r=4, alpha=16, lr=1e-2, batch_size=4, max_steps=5, seed=0, targets=("q", "v", "down"))
+    frozen = {n: m for n, m in groups["set_difference"].items() if n.split(".", 2)[2] in cfg.targets}
+    freeze = {} if full else dict(freeze=frozen, freeze_mode="weights")
+    trained, _ = train_lora(model, smol_tokenizer, EXAMPLES, cfg, progress=False, full=full, on_step=on_step, **freeze)
+    for t in (cpu, dev):
+        t.finish(5, trained)
+    a, b = cpu.table(), dev.table()
+    assert list(a.columns) == list(b.columns) and len(a) == len(b) and (a.step > 0).any()
+    for col in a.columns:
+        if a[col].dtype.kind != "f" or col.rsplit("_", 1)[1] in ORDER:
+            assert a[col].equals(b[col]), col
+        else:
+            assert np.allclose(a[col], b[col], rtol=1e-12, atol=0, equal_nan=True), col
+    for g in groups:
+        assert all(torch.equal(x, y) for x, y in zip(cpu.samples[g], dev.samples[g], strict=True))
+        for m, d in cpu.final[g].items():
+            assert torch.equal(dev.final[g][m], d) and torch.equal(dev.w0[g][m], cpu.w0[g][m])
+    state = dev.state_dict()
+    assert all(d.device.type == "cpu" for ds in state["final"].values() for d in ds.values())
+
+
+def test_full_fine_tuning_drift_of_a_transposed_conv1d_weight():
+    """GPT-2 keeps its linear weights transposed (Conv1D, ``[d_in, d_out]``): W_0 and W_t are gathered at the
+    tracked entries of the ``[d_out, d_in]`` view, not at the same flat positions of the storage."""
+    model = tiny_model("gpt2")
+    mods = linear_modules(model)
+    groups = _groups(model)
+    before = _weights(model)
+    tracker = DriftTracker(model, groups, every=1)
+    with torch.no_grad():
+        for m in mods.values():
+            m.weight.add_(torch.randn_like(m.weight) * 1e-3)
+    deltas, trainable = tracker.deltas(model)
+    after = _weights(model)
+    assert not linear_weight(next(iter(mods.values()))).is_contiguous()
+    for g, group in groups.items():
+        for n, mask in group.items():
+            if mask.any():
+                assert torch.equal(tracker.w0[g][n], before[n][mask].float())
+                torch.testing.assert_close(deltas[g][n].double(), (after[n] - before[n])[mask], rtol=1e-6, atol=1e-9)
+    assert trainable == set(mods)
