@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from brittle.ablation import ABLATION_COLUMNS, REASON_COLUMNS, ablated, ablation_markdown, fraction_removed
+from brittle.ablation import (
+    ABLATION_COLUMNS,
+    REASON_COLUMNS,
+    ablated,
+    ablation_markdown,
+    fraction_removed,
+    source_weights,
+)
 from brittle.io import BrittleError
 from brittle.models import linear_modules, linear_weight
 from brittle.testing import tiny_model
@@ -37,6 +44,30 @@ def test_zeroes_group_and_restores_bit_exactly(arch):
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert not torch.equal(model(x).logits, changed)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_recovering_from_another_model_takes_its_values_and_restores_bit_exactly(arch):
+    """With a source model the selected entries take exactly its values (GPT-2: through the transposed Conv1D
+    layout), all others stay, and the original bits come back on exit."""
+    model, other = tiny_model(arch, seed=0), tiny_model(arch, seed=1)
+    before = _state(model)
+    saved = {name: linear_weight(m).detach().clone() for name, m in linear_modules(model).items()}
+    group = _random_group(model, 0.2)
+    src = source_weights(other)
+    assert all(not torch.equal(src[n][group[n]], linear_weight(m).detach()[group[n]])
+               for n, m in linear_modules(model).items())  # different seeds: the recovery is visible
+    with ablated(model, group, source=src):
+        for name, m in linear_modules(model).items():
+            w = linear_weight(m)
+            assert torch.equal(w[group[name]], src[name][group[name]])
+            assert torch.equal(w[~group[name]], saved[name][~group[name]])
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    wrong = {n: torch.zeros(3, 3) for n in src}
+    with pytest.raises(BrittleError, match="to recover from has .* of shape"):
+        with ablated(model, group, source=wrong):
+            pass
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def test_restores_on_exception():

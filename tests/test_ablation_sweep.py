@@ -171,3 +171,43 @@ def test_ablate_help_shows_the_sweep_defaults():
     cfg = ablation_eval_config()  # the help must say what the sweep really uses
     assert (cfg.n_harmful, cfg.limit, cfg.max_new_tokens) == (50, 30, 32)
     assert DEFAULT_SPARSITIES == (0.005, 0.01, 0.02, 0.03)
+
+
+def test_wanda_scores_bottom_up_pruning_and_recovery_in_one_run(smol_tokenizer, tmp_path):
+    """The paper's remaining weight-level variants as run settings: groups from Wanda scores
+    (scores.method), the bottom-q safety entries removed (bottom-up pruning, as many entries as top-q safety,
+    disjoint from them), and removed entries given another model's values (recover_from) -- recorded in the
+    manifest, refused when that model's shapes differ."""
+    from conftest import run_settings, tiny_run_settings
+
+    sets = tiny_run_settings(smol_tokenizer, tmp_path)
+    other = tiny_model("llama", seed=1, vocab_size=len(smol_tokenizer))
+    other.save_pretrained(tmp_path / "other")
+    smol_tokenizer.save_pretrained(tmp_path / "other")
+    sets += ['stages=["data", "scores", "groups", "ablation"]', 'scores.method="wanda"', "scores.nsamples=4",
+             "scores.max_length=64", "ablation.sparsities=[0.1]", 'ablation.kinds=["top_safety", "bottom_safety"]',
+             f"ablation.recover_from={json.dumps(str(tmp_path / 'other'))}",
+             *[f"ablation.eval.{x}" for x in ("n_harmful=2", "max_new_tokens=2", "n_benign=2", "n_perplexity=2",
+                                             "tasks=[]")]]
+    logs: list[str] = []
+    results = run_settings(None, sets, tmp_path / "run", logs=logs)
+    assert results["scores:safety"].manifest["config"]["method"] == "wanda"
+    table = pd.read_csv(results["ablation"].path("table")).set_index("group")
+    assert list(table.index) == ["dense", "top_safety", "bottom_safety"]
+    assert table.loc["bottom_safety", "fraction_removed"] == table.loc["top_safety", "fraction_removed"] > 0
+    folder = results["groups"].folder / "sweep"
+    top, _ = load_group(folder / "top_safety-0.1.safetensors")
+    bottom, meta = load_group(folder / "bottom_safety-0.1.safetensors")
+    assert meta["definition"] == "bottom_safety" and not any((top[n] & bottom[n]).any() for n in top)
+    man = results["ablation"].manifest
+    assert man["config"]["recover_from"] == str(tmp_path / "other")
+    assert man["inputs"]["recover_from_weights"] == weight_fingerprint(other)
+    assert any("recover their values from" in line for line in logs)
+
+    small = tiny_model("llama", seed=1, vocab_size=len(smol_tokenizer), intermediate=32)
+    small.save_pretrained(tmp_path / "small")
+    smol_tokenizer.save_pretrained(tmp_path / "small")
+    bad = [s for s in sets if not s.startswith("ablation.recover_from")]
+    bad.append(f"ablation.recover_from={json.dumps(str(tmp_path / 'small'))}")
+    with pytest.raises(BrittleError, match="to recover from has"):
+        run_settings(None, bad, tmp_path / "run2")

@@ -194,7 +194,7 @@ def test_every_key_has_a_description_and_is_in_the_reference_with_its_default():
     # readable types, and the evaluation sections' own defaults
     assert rows["finetune.train.lr"][0] == "float" and rows["device"][0] == "str | None"
     assert rows["scores.method"][0] == '"snip" | "wanda" | "snip-summed"' and rows["data.sets"][0] == "table of str"
-    assert rows["ablation.kinds"][0] == 'list["top_safety" | "set_difference" | "random" | "random_magnitude"]'
+    assert rows["ablation.kinds"][0] == 'list["top_safety" | "set_difference" | "random" | "random_magnitude" | "bottom_safety"]'
     assert (_default(rows["eval.n_harmful"][1]), _default(rows["ablation.eval.n_harmful"][1])) == (100, 50)
     assert _default(rows["lowrank.eval.limit"][1]) == 30
     assert _default(rows["finetune.eval.tasks"][1]) == ["arc_easy", "piqa"]

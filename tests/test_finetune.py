@@ -117,6 +117,29 @@ def test_accumulating_2_micro_batches_of_2_equals_one_batch_of_4(smol_tokenizer,
 
 
 @pytest.mark.parametrize("full", [False, True])
+def test_gradient_checkpointing_trains_the_same_and_recomputes_the_blocks(smol_tokenizer, full):
+    """With gradient_checkpointing every decoder block runs its forward twice per micro-batch (once more in the
+    backward pass), and the losses and trained weights equal those without it up to fp32 rounding. Catches
+    checkpointing that is silently not enabled (one forward per block) and a reentrant variant that leaves the
+    adapters without gradients (their weights would not move)."""
+    from brittle.models import decoder_layers
+
+    runs = []
+    for checkpointing in (False, True):
+        model = tiny_model("llama", vocab_size=len(smol_tokenizer))
+        calls = []
+        decoder_layers(model)[0].mlp.register_forward_pre_hook(lambda *a: calls.append(1))  # inside the recomputed block
+        cfg = LoraTrainConfig(r=4, alpha=8, lr=1e-2, batch_size=4, max_steps=2, gradient_checkpointing=checkpointing)
+        trained, hist = train_lora(model, smol_tokenizer, EXAMPLES, cfg, progress=False, full=full)
+        runs.append((hist.loss, _trainable(trained), len(calls)))
+    (loss0, w0, calls0), (loss1, w1, calls1) = runs
+    assert calls0 == 2 and calls1 == 4  # 2 steps of one micro-batch
+    assert loss1 == pytest.approx(loss0, rel=1e-6)
+    for name, a in w0.items():
+        assert (a - w1[name]).abs().max() <= 1e-5 * a.abs().max(), name
+
+
+@pytest.mark.parametrize("full", [False, True])
 def test_resume_after_a_kill_repeats_the_uninterrupted_run(smol_tokenizer, tmp_path, full, caplog):
     """Killed in on_step at step 5 (checkpoints at 2 and 4), resumed in a "new process" (fresh model and drift
     tracker): the same loss floats, bit-identical trainable weights and the same drift table as without the

@@ -13,6 +13,7 @@ import torch
 import brittle.groups as G
 from brittle.groups import (
     SCOPES,
+    bottom_k,
     GroupError,
     GroupFileError,
     group_summary,
@@ -90,6 +91,27 @@ def test_top_k_matches_brute_force(scope, ties):
             for n in scores:
                 assert got[n].dtype == torch.bool and got[n].shape == scores[n].shape
                 assert torch.equal(got[n], ref[n]), (scope, f, n, seed)
+
+
+@pytest.mark.parametrize("scope", SCOPES)
+def test_bottom_k_is_the_top_k_of_the_lowest_scores(scope):
+    """bottom_k selects the k lowest per unit (ties: lower flat index), exactly as many as top_k, and for
+    fractions up to 1/2 never an entry that top_k selects. Catches a reversed order, an off-by-one k and
+    ties taken from the wrong end."""
+    for seed in range(3):
+        scores = make_scores(seed, ties=True)
+        for f in FRACTIONS:
+            got, ref = bottom_k(scores, f, scope), ref_top_k({n: -s for n, s in scores.items()}, f, scope)
+            assert all(torch.equal(got[n], ref[n]) for n in scores), (scope, f, seed)
+            top = top_k(scores, f, scope)
+            if scope == "global":  # as many in all; the modules they fall in differ
+                assert sum(count(got).values()) == sum(count(top).values())
+            else:
+                assert count(got) == count(top)
+            if f <= 0.5:
+                for n in scores:  # every bottom entry scores at most every top entry of its module
+                    if got[n].any() and top[n].any() and scope == "matrix":
+                        assert scores[n][got[n]].max() <= scores[n][top[n]].min()
 
 
 @pytest.mark.parametrize("scope", SCOPES)

@@ -136,3 +136,28 @@ def test_default_model_loads_from_the_conversion_cache(smol_dir, monkeypatch):
     digest = sha256_file(source["gguf"])
     assert source["sha256"] == digest and Path(smol_dir).name.endswith(digest[:16])
     assert (Path(smol_dir) / "model.safetensors").stat().st_size > 4 * 100_000_000  # fp32, ~135M parameters
+
+
+def test_device_auto_places_the_model_with_accelerate_and_scores_alike(smol_tokenizer, tmp_path, monkeypatch):
+    """``device="auto"`` loads through accelerate's ``device_map="auto"`` (here: everything on the only device, the
+    CPU; nothing is moved afterwards) and gives the weights and scores of a plain load."""
+    from transformers import AutoModelForCausalLM
+
+    from brittle.models import load_pretrained
+    from brittle.scoring import compute_scores
+    from brittle.testing import tiny_model
+
+    tiny_model("llama", vocab_size=len(smol_tokenizer)).save_pretrained(tmp_path / "m")
+    smol_tokenizer.save_pretrained(tmp_path / "m")
+    seen, original = [], AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: seen.append(k.get("device_map")) or original(*a, **k))
+    auto, tok = load_pretrained(str(tmp_path / "m"), device="auto")
+    plain, _ = load_pretrained(str(tmp_path / "m"))
+    assert seen == ["auto", None]
+    assert {p.device.type for p in auto.parameters()} == {"cpu"}
+    assert all(torch.equal(a, b) for a, b in zip(auto.state_dict().values(), plain.state_dict().values(), strict=True))
+    ex = [{"input_ids": torch.arange(3, 15), "labels": torch.cat([torch.full((6,), -100), torch.arange(9, 15)])}]
+    s_auto = compute_scores(auto, None, ex, "snip", batch_size=1, max_length=None, progress=False)
+    s_plain = compute_scores(plain, None, ex, "snip", batch_size=1, max_length=None, progress=False)
+    assert all(torch.equal(s_auto[n], s_plain[n]) for n in s_plain)

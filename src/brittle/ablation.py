@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,10 +24,15 @@ from .models import check_masks, linear_modules, linear_weight
 
 
 @contextlib.contextmanager
-def ablated(model: torch.nn.Module, group: Mapping[str, torch.Tensor], value: float = 0.0) -> Iterator[torch.nn.Module]:
-    """Set the weights selected by ``group`` to ``value`` (0: the paper's pruning) inside the block."""
+def ablated(model: torch.nn.Module, group: Mapping[str, torch.Tensor], value: float = 0.0, *,
+            source: Mapping[str, torch.Tensor] | None = None) -> Iterator[torch.nn.Module]:
+    """Set the weights selected by ``group`` to ``value`` (0: the paper's pruning) inside the block, or, with
+    ``source`` (canonical name -> ``[d_out, d_in]`` weights of another model, e.g. the base model before
+    alignment: :func:`source_weights`), to that model's values at the same entries (the paper's recovery)."""
     modules = linear_modules(model)
     check_masks(modules, group)
+    if source is not None:
+        check_source(model, source, group)
     saved: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     try:
         with torch.no_grad():
@@ -35,12 +40,30 @@ def ablated(model: torch.nn.Module, group: Mapping[str, torch.Tensor], value: fl
                 w = linear_weight(modules[name])
                 m = mask.to(w.device)
                 saved[name] = (m, w[m].clone())
-                w[m] = value
+                w[m] = value if source is None else source[name].to(device=w.device, dtype=w.dtype)[m]
         yield model
     finally:
         with torch.no_grad():
             for name, (m, values) in saved.items():
                 linear_weight(modules[name])[m] = values
+
+
+def check_source(model: torch.nn.Module, source: Mapping[str, torch.Tensor], names: Iterable[str] | None = None) -> None:
+    """A :class:`BrittleError` unless ``source`` has every linear module of ``model`` (or of ``names``) with the
+    same ``[d_out, d_in]`` shape."""
+    shapes = {n: tuple(linear_weight(m).shape) for n, m in linear_modules(model).items()}
+    for n in (shapes if names is None else names):
+        if n not in source:
+            raise BrittleError(f"the model to recover from has no module {n}")
+        if tuple(source[n].shape) != shapes[n]:
+            raise BrittleError(f"the model to recover from has {n} of shape {tuple(source[n].shape)}, this model "
+                               f"{shapes[n]}: recovering needs the same architecture")
+
+
+def source_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Canonical name -> ``[d_out, d_in]`` weight (detached views, no copy) of a model's linear modules: the
+    ``source`` of :func:`ablated` (recovering removed entries from that model)."""
+    return {n: linear_weight(m).detach() for n, m in linear_modules(model).items()}
 
 
 def fraction_removed(model: torch.nn.Module, group: Mapping[str, torch.Tensor]) -> float:
@@ -52,7 +75,10 @@ def fraction_removed(model: torch.nn.Module, group: Mapping[str, torch.Tensor]) 
 # --------------------------------------------------------------------------------------------------
 # The ablation experiment: sweep sparsities, remove each group kind, measure safety and utility.
 
-GROUP_KINDS = ("top_safety", "set_difference", "random", "random_magnitude")
+GROUP_KINDS = ("top_safety", "set_difference", "random", "random_magnitude")  # the default sweep
+#: every kind a sweep can evaluate: the default four and bottom_safety (bottom-up pruning: the bottom-q safety
+#: entries, as many as top_safety, the least important ones)
+SWEEP_KINDS = (*GROUP_KINDS, "bottom_safety")
 DEFAULT_SPARSITIES = (0.005, 0.01, 0.02, 0.03)  # `brittle ablate`: 17 evaluations, under 15 min on 2 CPU cores
 # (p, q) set-difference pairs (utility p, safety q; fractions) that a third-party reproduction of Wei et al.
 # (2024) lists as the paper's Llama-2-7B-chat settings, in % (1,1) (2,1) (4,2) (7,3) (3,2) (4,4) (5,5) (6,5)
@@ -168,21 +194,26 @@ def run_sweep(model, tokenizer, points: Sequence[SweepPoint], out_dir, layout: S
 
 
 def run_ablation(model, tokenizer, groups: Sequence[SweepGroup], out_dir, *, eval_config=None,
-                 overwrite: bool = False, progress: bool = True, log=print):
+                 overwrite: bool = False, progress: bool = True, log=print,
+                 source: Mapping[str, torch.Tensor] | None = None):
     """Evaluate the dense model, then the model with each group removed (in order); write ``ablation.csv``/
     ``.md``, a figure and per-group evaluation directories ``eval/<label>/``. Returns the table (pandas).
 
     The groups come from the groups stage (:func:`brittle.groups.sweep_groups` for each (p, q) point).
+    ``source``: removed entries take these weights' values instead of 0 (see :func:`ablated`).
     """
+    from .groups import Q_ONLY_KINDS
+
     if not groups:
         raise BrittleError("no sweep groups given")
     points = []
+    verb = "zeroing" if source is None else "recovering from the other model"
     for item in groups:
         frac = fraction_removed(model, item.group)
         points.append(SweepPoint(
-            item.kind, item.label, {"sparsity": item.q, "p": None if item.kind == "top_safety" else item.p, "q": item.q},
-            frac, functools.partial(ablated, model, item.group),
-            f"{item.kind} p={item.p:g} q={item.q:g}: removing {frac:.4%} of the scored weights"))
+            item.kind, item.label, {"sparsity": item.q, "p": None if item.kind in Q_ONLY_KINDS else item.p, "q": item.q},
+            frac, functools.partial(ablated, model, item.group, source=source),
+            f"{item.kind} p={item.p:g} q={item.q:g}: {verb} {frac:.4%} of the scored weights"))
     return run_sweep(model, tokenizer, points, out_dir, ABLATION_LAYOUT, eval_config=eval_config, overwrite=overwrite,
                      progress=progress, log=log)
 

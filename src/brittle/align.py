@@ -303,12 +303,12 @@ class AlignConfig(FrozenConfig):
 
     def recipe(self) -> dict:
         """The recipe as recorded (in the organism's manifest) and hashed (:meth:`digest`). Trainer settings added
-        after the first recipe (warm-up, schedule, gradient accumulation) and recipe fields added later
+        after the first recipe (warm-up, schedule, gradient accumulation, checkpointing) and recipe fields added later
         (:data:`LEGACY`) enter only when they differ from the values that reproduce the earlier recipe exactly:
         an unchanged recipe keeps its name and its cache."""
         d = self.to_dict()
         lora_defaults = LoraTrainConfig().to_dict()
-        for key in ("warmup_steps", "schedule", "grad_accumulation"):
+        for key in ("warmup_steps", "schedule", "grad_accumulation", "gradient_checkpointing"):
             if d["lora"][key] == lora_defaults[key]:
                 del d["lora"][key]
         for key, value in LEGACY.items():

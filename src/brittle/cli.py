@@ -97,7 +97,9 @@ def given(**options: Any) -> dict[str, Any]:
 
 def run_stages(out: Path, stages: list[str], options: dict[str, Any], *, force: bool, config: Path | None = None,
                sets: list[str] | None = None):
-    """Load the config (file, ``--set``, options), then run ``stages`` (None: the config's own)."""
+    """Load the config (file, ``--set``, options), then run ``stages`` (None: the config's own). Under a launcher
+    (``accelerate launch -m brittle``, ``torchrun``) every process runs them; process 0 logs and writes."""
+    from . import distributed
     from .config import load_config
     from .pipeline import run_experiment
     from .stage import RunContext
@@ -105,7 +107,10 @@ def run_stages(out: Path, stages: list[str], options: dict[str, Any], *, force: 
     if stages:
         options = {**options, "stages": stages}
     cfg = load_config(config, sets or [], options)
-    return cfg, run_experiment(cfg, RunContext(out=out, force=force, log=typer.echo))
+    distributed.init_from_env()
+    main = distributed.is_main()
+    return cfg, run_experiment(cfg, RunContext(out=out, force=force, log=typer.echo if main else (lambda _: None),
+                                               progress=main))
 
 
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Run directory (each stage writes its own folder there).")]
@@ -232,7 +237,10 @@ def score_cmd(
         model=model, seed=seed, dtype=dtype, device=device, data__sets={name: data}, scores__sets=[name],
         scores__method=method, scores__nsamples=nsamples, scores__batch_size=batch_size,
         scores__max_length=max_length, scores__max_accumulator_gb=max_accumulator_gb), force=force)
-    typer.echo(f"scores: {results[f'scores:{name}'].path('scores')}")
+    from .distributed import is_main
+
+    if is_main():  # under a launcher: one line, not one per process
+        typer.echo(f"scores: {results[f'scores:{name}'].path('scores')}")
 
 
 def _score_model(path: Path) -> str | None:
@@ -311,12 +319,14 @@ def ablate_cmd(
     n_harmful: Annotated[int | None, opt("ablation.eval.n_harmful", "--n-harmful", help="Held-out AdvBench behaviours per evaluation.")] = None,
     limit: Annotated[int | None, opt("ablation.eval.limit", "--limit", help="Zero-shot documents per task per evaluation (0: all).")] = None,
     max_new_tokens: Annotated[int | None, opt("ablation.eval.max_new_tokens", "--max-new-tokens", help="New tokens per answer.")] = None,
+    kinds: Annotated[str | None, opt("ablation.kinds", "--kinds", help="Comma-separated group kinds removed at each point: top_safety, set_difference, random, random_magnitude, bottom_safety (bottom-up pruning).")] = None,
+    recover_from: Annotated[str | None, opt("ablation.recover_from", "--recover-from", help="Give removed entries this model's values instead of zeros (e.g. the base model before alignment).")] = None,
     seed: SeedOpt = None,
     force: ForceOpt = False,
 ) -> None:
-    """Remove each group (top safety, set difference, random, magnitude-matched random) at each sparsity
-    (or each --pq pair); measure ASR, degenerate share, over-refusal, perplexity and accuracy ->
-    OUT/ablation/ablation.csv/.md/.png (groups in OUT/groups)."""
+    """Remove each group (top safety, set difference, random, magnitude-matched random; or --kinds) at each
+    sparsity (or each --pq pair); measure ASR, degenerate share, over-refusal, perplexity and accuracy ->
+    OUT/ablation/ablation.csv/.md/.png (groups in OUT/groups). Score files of either method (snip, wanda)."""
     if pq is not None and (sparsities is not None or p is not None):
         raise BrittleError("give either --pq or --sparsities/--p, not both")
     model = model or _score_model(safety)
@@ -328,7 +338,8 @@ def ablate_cmd(
         ablation__sparsities=None if sparsities is None else _floats(sparsities, "--sparsities"),
         ablation__p=p, ablation__pq=None if pq is None else _pq(pq),
         ablation__eval__n_harmful=n_harmful, ablation__eval__limit=None if limit is None else (limit or None),
-        ablation__eval__max_new_tokens=max_new_tokens), force=force)
+        ablation__eval__max_new_tokens=max_new_tokens, ablation__recover_from=recover_from,
+        ablation__kinds=None if kinds is None else [k.strip() for k in kinds.split(",") if k.strip()]), force=force)
     ab = results["ablation"]
     typer.echo(f"table: {ab.path('table')} (and ablation.md); figure: {ab.path('figure')}")
 

@@ -112,10 +112,23 @@ class AblationConfig(FrozenConfig):
     p: Fraction | None = Field(None, description="Utility fraction removed from the set difference (default p = q).")
     pq: str | list[tuple[Fraction, Fraction]] | None = Field(
         None, description=f"Set-difference (p, q) pairs instead of sparsities/p: [[p, q], ...] or a preset ({', '.join(PQ_PRESETS)}).")
-    kinds: tuple[Literal["top_safety", "set_difference", "random", "random_magnitude"], ...] = Field(
+    kinds: tuple[Literal["top_safety", "set_difference", "random", "random_magnitude", "bottom_safety"], ...] = Field(
         GROUP_KINDS, description="Groups removed at each point: top-q safety, S(p, q), and random / magnitude-matched "
-                                 "random controls of the set difference's size per module.")
+                                 "random controls of the set difference's size per module; bottom_safety (not by "
+                                 "default): the bottom-q safety entries (bottom-up pruning, as many as top-q safety).")
+    recover_from: str | None = Field(None, description=(
+        "A model (preset, Hub id, directory; same modules and shapes) whose weights replace the removed entries "
+        "instead of zeros (the paper's recovery from the base model); unset: zeros."))
     eval: SweepEvalConfig = SweepEvalConfig()
+
+    @field_validator("kinds")
+    @classmethod
+    def _check_kinds(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError("give at least one group kind")
+        if len(set(v)) != len(v):
+            raise ValueError(f"a kind is listed twice: {list(v)}")
+        return v
 
     @field_validator("sparsities")
     @classmethod
@@ -263,7 +276,8 @@ class ExperimentConfig(BaseSettings):
     seed: int = Field(0, description="Random seed (sampling, splits, random controls, generation).")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Model dtype (scores are accumulated in float32 anyway).")
-    device: str | None = Field(None, description="cpu, cuda, cuda:1 ... (default: where the model loads).")
+    device: str | None = Field(None, description="cpu, cuda, cuda:1 ... or auto (accelerate's device_map: a model "
+                               "too large for one GPU spread over the GPUs, then the CPU); default: where the model loads.")
     stages: tuple[StageName, ...] = Field(("data", "scores", "groups", "ablation"),
                                           description=f"Stages to run, in order ({', '.join(STAGES)}).")
     align: AlignConfig = AlignConfig()

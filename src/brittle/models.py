@@ -89,7 +89,8 @@ def load_pretrained(path: str, spec: str | None = None, *, dtype: torch.dtype | 
                     device: str | torch.device | None = None):
     """``(model, tokenizer)`` from what ``from_pretrained`` takes (a directory or Hub id), in eval mode; the
     tokenizer gets a pad token (eos) if it has none. ``spec`` is the name the user gave (for messages and
-    :func:`model_id`)."""
+    :func:`model_id`). ``device="auto"``: accelerate's ``device_map="auto"`` (the layers spread over the GPUs,
+    then the CPU, for a model that does not fit one device; each weight stays where it was placed)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     spec = spec or path
@@ -97,14 +98,15 @@ def load_pretrained(path: str, spec: str | None = None, *, dtype: torch.dtype | 
         dtype = getattr(torch, dtype)
     try:
         tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        placed = {"device_map": "auto"} if str(device) == "auto" else {}
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **placed)
     except OSError as e:
         raise BrittleError(f"cannot load model '{spec}' ({path}): {e}. Offline? Use a preset (`brittle models`), "
                            "a local directory or a .gguf file") from e
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model.eval()
-    if device is not None:
+    if device is not None and str(device) != "auto":
         model.to(device)
     model.brittle_spec = spec  # lets score files / manifests say which model they come from
     return model, tok

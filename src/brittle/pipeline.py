@@ -228,17 +228,34 @@ def ablation_stage(ctx: RunContext, cfg: ExperimentConfig) -> StageResult:
     groups = ctx.results.get("groups")
     if groups is None or not groups.outputs.get("sweep"):
         raise BrittleError("ablation: the groups stage built no sweep groups (run groups in the same run)")
+    source, source_fingerprint = None, None
+    if cfg.ablation.recover_from is not None:
+        # loaded before the run's model (one model is cached at a time); only its linear weights are kept
+        from .ablation import source_weights
+        from .models import weight_fingerprint
+        from .presets import load_model
+
+        ctx.log(f"[ablation] removed entries recover their values from {cfg.ablation.recover_from}")
+        other, _ = load_model(cfg.ablation.recover_from, dtype=cfg.dtype, device=cfg.device)
+        source, source_fingerprint = source_weights(other), weight_fingerprint(other)
+        del other
     model, tok, fingerprint = run_model(ctx, cfg)
+    if source is not None:
+        from .ablation import check_source
+
+        check_source(model, source)  # before the dense model is evaluated
     eval_cfg = cfg.eval_config(cfg.ablation.eval)
     sweep = groups.outputs["sweep"]
     settings = {"seed": cfg.seed, "points": cfg.ablation.points(), "kinds": cfg.ablation.kinds,
-                "eval": eval_cfg.to_dict()}
-    inputs = {"model_weights": fingerprint, "groups": {s["label"]: s["sha256"] for s in sweep}}
+                **({"recover_from": cfg.ablation.recover_from} if source is not None else {}), "eval": eval_cfg.to_dict()}
+    inputs = {"model_weights": fingerprint, "groups": {s["label"]: s["sha256"] for s in sweep},
+              **({"recover_from_weights": source_fingerprint} if source_fingerprint else {})}
 
     def produce(folder: Path) -> dict[str, Any]:
         items = [SweepGroup(s["kind"], s["p"], s["q"], s["label"], load_group(groups.folder / s["file"])[0])
                  for s in sweep]
-        table = run_ablation(model, tok, items, folder, eval_config=eval_cfg, progress=ctx.progress, log=ctx.log)
+        table = run_ablation(model, tok, items, folder, eval_config=eval_cfg, progress=ctx.progress, log=ctx.log,
+                             source=source)
         ctx.log(table.to_string(index=False))
         return {**file_outputs(folder, {"table": "ablation.csv", "markdown": "ablation.md", "figure": "ablation.png"}),
                 "rows": len(table)}
@@ -397,7 +414,9 @@ def _finetune_job(ctx: RunContext, cfg: ExperimentConfig, name: str, ft, evaluat
     track = {n: _load_run_group(p, fingerprint, "finetune.track") for n, p in track_files.items()}
     if ft.full and ft.freeze_mode in ("weights", "rows") and freeze:
         raise BrittleError(f"finetune.freeze_mode = {ft.freeze_mode} is for LoRA; with full = true use full-masked or rewind")
-    settings = {"seed": cfg.seed, **({"name": name} if name else {}), **ft.model_dump(exclude={"variants"})}
+    # gradient checkpointing changes memory and time, not the result: not a setting a finished stage is compared on
+    settings = {"seed": cfg.seed, **({"name": name} if name else {}),
+                **ft.model_dump(exclude={"variants": True, "train": {"gradient_checkpointing"}})}
     inputs = {"model_weights": fingerprint, "data": data_record["sha256"],
               "freeze": {n: sha256_file(p) for n, p in freeze_file.items()},
               "track": {n: sha256_file(p) for n, p in track_files.items()}}
@@ -669,9 +688,12 @@ def eval_stage(ctx: RunContext, cfg: ExperimentConfig) -> StageResult:
 
 def run_experiment(cfg: ExperimentConfig, ctx: RunContext) -> dict[str, StageResult]:
     """Run (or resume) the config's stages in order; returns the results by stage name."""
+    from . import distributed
+
     t0 = time.perf_counter()
     ctx.out.mkdir(parents=True, exist_ok=True)
-    (ctx.out / "config.toml").write_text(_config_text(cfg), encoding="utf-8")
+    if distributed.is_main():  # one writer in a multi-process run
+        (ctx.out / "config.toml").write_text(_config_text(cfg), encoding="utf-8")
     for stage in cfg.stages:
         if stage == "align":
             align_stage(ctx, cfg)

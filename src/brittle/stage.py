@@ -118,8 +118,11 @@ def run_stage(ctx: RunContext, name: str, folder: Path, config: BaseModel | Mapp
     "sha256": ...}`` (see :func:`file_outputs`). The result is kept in ``ctx.results`` under ``key`` (default: the
     stage's name; e.g. one key per fine-tuning variant of the one stage ``finetune``).
     """
+    from . import distributed
+
     folder = Path(folder)
     record = {"config": jsonable(config), "inputs": jsonable(dict(inputs))}
+    distributed.barrier()  # every process decides reuse on the same state of the folder
     old = read_manifest(folder)
     if old is not None:
         old_record = {"config": old.get("config"), "inputs": old.get("inputs")}
@@ -137,6 +140,8 @@ def run_stage(ctx: RunContext, name: str, folder: Path, config: BaseModel | Mapp
     elif folder.exists() and any(folder.iterdir()):
         raise StageMismatchError(f"{folder} exists but holds no {MANIFEST} (not written by this stage of brittle?); "
                                  "move it away or choose another --out")
+    if not distributed.is_main():
+        return _follow_main(ctx, name, folder, produce, key)
     partial = folder.with_name(folder.name + ".partial")
     if partial.exists():
         ctx.log(f"[{name}] removing {partial} left by an interrupted run")
@@ -155,6 +160,29 @@ def run_stage(ctx: RunContext, name: str, folder: Path, config: BaseModel | Mapp
     folder.parent.mkdir(parents=True, exist_ok=True)
     partial.rename(folder)
     ctx.log(f"[{name}] done in {seconds:.0f} s -> {folder}")
+    distributed.barrier()  # the other processes read the folder now
+    result = StageResult(name, folder, man, reused=False)
+    ctx.results[key or name] = result
+    return result
+
+
+def _follow_main(ctx: RunContext, name: str, folder: Path, produce: Callable[[Path], Mapping[str, Any]],
+                 key: str | None) -> StageResult:
+    """A process other than 0 of a multi-process run (:mod:`brittle.distributed`): compute alongside process 0 (its
+    collective operations need every process) into a private folder, drop it, and take process 0's record."""
+    from . import distributed
+
+    private = folder.with_name(f"{folder.name}.partial.rank{distributed.rank()}")
+    shutil.rmtree(private, ignore_errors=True)
+    private.mkdir(parents=True)
+    try:
+        produce(private)
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+    distributed.barrier()
+    man = read_manifest(folder)
+    if man is None:
+        raise BrittleError(f"{folder}: process 0 wrote no {MANIFEST} for stage {name}")
     result = StageResult(name, folder, man, reused=False)
     ctx.results[key or name] = result
     return result

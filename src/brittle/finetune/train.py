@@ -75,6 +75,10 @@ class LoraTrainConfig(FrozenConfig):
         "towards 0, which they reach just after the last step (transformers.get_scheduler)."))
     grad_accumulation: int = Field(1, gt=0, description=(
         "Micro-batches per optimiser step; the step's loss is the mean of their losses (see brittle.finetune)."))
+    gradient_checkpointing: bool = Field(False, description=(
+        "Recompute each decoder block's activations in the backward pass (transformers' gradient checkpointing, "
+        "non-reentrant): activation memory of one block instead of all, about a third more compute; the same "
+        "training otherwise."))
 
 
 @dataclass
@@ -182,6 +186,9 @@ def train_lora(
         freezer = Freezer(peft_model, check_freeze(peft_model, freeze, freeze_mode, full=full, adapted=adapted),
                           freeze_mode, full=full)
     peft_model.brittle_freezer = freezer  # merge_lora applies the mode
+    if cfg.gradient_checkpointing:
+        # non-reentrant: gradients reach the adapters although the block inputs do not require grad
+        peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     peft_model.train()
     params = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
     opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 from .files import GROUP_FORMAT, GroupFileError, load_group, save_group
 from .select import (
+    Q_ONLY_KINDS,
     SCOPES,
     Group,
     GroupError,
     Scope,
+    bottom_k,
     check_fraction,
     check_same_modules,
     check_scope,
@@ -39,8 +41,8 @@ from .summary import group_summary, print_summary, summary_markdown
 
 __all__ = [
     "SCOPES", "GROUP_NAMES", "GROUP_FORMAT", "GroupError", "GroupFileError", "check_fraction", "check_scope",
-    "selection_size", "module_sort_key", "check_same_modules", "top_k", "set_difference", "set_difference_of",
+    "selection_size", "module_sort_key", "check_same_modules", "top_k", "bottom_k", "set_difference", "set_difference_of",
     "module_seed", "random_like", "magnitude_bin_ids", "magnitude_matched_random", "save_group", "load_group",
     "group_summary", "summary_markdown", "print_summary", "read_score_file", "score_model_hash",
-    "GroupsResult", "build_groups", "sweep_groups", "point_label",
+    "GroupsResult", "build_groups", "sweep_groups", "point_label", "Q_ONLY_KINDS",
 ]

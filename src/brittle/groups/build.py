@@ -138,10 +138,10 @@ def build_groups(safety: str | os.PathLike[str], utility: str | os.PathLike[str]
     outputs: dict[str, Any] = {"sweep": []}
     for p_s, q_s in sweep:
         groups = sweep_groups(s_scores, u_scores, weights if "random_magnitude" in sweep_kinds else None,
-                              p_s, q_s, scope, seed, bins)
+                              p_s, q_s, scope, seed, bins, bottom="bottom_safety" in sweep_kinds)
         for kind in sweep_kinds:
             label = point_label(kind, p_s, q_s)
-            if any(s["label"] == label for s in outputs["sweep"]):  # top_safety at a q already there
+            if any(s["label"] == label for s in outputs["sweep"]):  # top/bottom_safety at a q already there
                 continue
             path = folder / "sweep" / f"{label}.safetensors"
             save_group(path, groups[kind], {"definition": kind, "p": str(p_s), "q": str(q_s), "scope": scope,

@@ -265,6 +265,14 @@ def top_k(scores: Mapping[str, torch.Tensor], fraction: float, scope: Scope = "m
     return out
 
 
+def bottom_k(scores: Mapping[str, torch.Tensor], fraction: float, scope: Scope = "matrix", *,
+             name: str = "fraction") -> Group:
+    """Boolean masks of the bottom ``fraction`` of entries by score within ``scope``: :func:`top_k` of the negated
+    scores (the same ``k`` per unit; ties: lower score first, then lower flat index). The paper's bottom-up
+    pruning removes these, the weights least important to the behaviour scored."""
+    return top_k({n: -_work(s) for n, s in scores.items()}, fraction, scope, name=name)
+
+
 def set_difference(safety: Mapping[str, torch.Tensor], utility: Mapping[str, torch.Tensor], p: float, q: float,
                    scope: Scope = "matrix") -> Group:
     """Safety-critical weights ``S(p, q) = top_k(safety, q, scope) AND NOT top_k(utility, p, scope)``.
@@ -385,20 +393,27 @@ def magnitude_matched_random(group: Mapping[str, torch.Tensor], weights: Mapping
 
 def sweep_groups(safety: Mapping[str, torch.Tensor], utility: Mapping[str, torch.Tensor],
                  weights: Mapping[str, torch.Tensor] | None, p: float, q: float, scope: Scope, seed: int,
-                 bins: int = 10) -> dict[str, Group]:
-    """The four groups of one ablation sweep point: top-q safety, the set difference S(p, q) = top-q(safety)
-    minus top-p(utility), and random / magnitude-matched random controls sized like that set difference (per
-    module; the magnitude control is left out when ``weights`` is None)."""
+                 bins: int = 10, *, bottom: bool = False) -> dict[str, Group]:
+    """The groups of one ablation sweep point: top-q safety, the set difference S(p, q) = top-q(safety) minus
+    top-p(utility), and random / magnitude-matched random controls sized like that set difference (per module;
+    the magnitude control is left out when ``weights`` is None); with ``bottom`` also ``bottom_safety``, the
+    bottom-q safety entries (bottom-up pruning: as many entries as top_safety, the least important ones)."""
     check_same_modules(safety, utility)
     top_q = top_k(safety, q, scope, name="q")  # once: it is both top_safety and half of the set difference
     sd = set_difference_of(top_q, top_k(utility, p, scope, name="p"))
     out = {"top_safety": top_q, "set_difference": sd, "random": random_like(sd, seed)}
     if weights is not None:
         out["random_magnitude"] = magnitude_matched_random(sd, weights, seed, bins)
+    if bottom:
+        out["bottom_safety"] = bottom_k(safety, q, scope, name="q")
     return out
 
 
 def point_label(kind: str, p: float, q: float) -> str:
-    """File stem of one sweep group: ``<kind>-<q>`` on the diagonal (and for top_safety, which depends on q
-    only), ``<kind>-p<p>-q<q>`` otherwise."""
-    return f"{kind}-{q:g}" if kind == "top_safety" or p == q else f"{kind}-p{p:g}-q{q:g}"
+    """File stem of one sweep group: ``<kind>-<q>`` on the diagonal (and for top_safety and bottom_safety, which
+    depend on q only), ``<kind>-p<p>-q<q>`` otherwise."""
+    return f"{kind}-{q:g}" if kind in Q_ONLY_KINDS or p == q else f"{kind}-p{p:g}-q{q:g}"
+
+
+#: sweep kinds that depend on q only (not on the utility fraction p)
+Q_ONLY_KINDS = ("top_safety", "bottom_safety")

@@ -51,7 +51,7 @@ def _drift(st: Mapping[str, Any]) -> list[str]:
         return []
     return [f"Experiment 2 (drift during unconstrained fine-tuning): {p['group']} vs {p['control']}, |Delta| "
             f"median {fmt(p['median_group'])} vs {fmt(p['median_control'])} (n = {p['n_group']} + {p['n_control']}), "
-            f"Cliff's delta {p['cliffs_delta']:+.3f} {fmt_ci(p['cliffs_delta_ci_low'], p['cliffs_delta_ci_high'])}, "
+            f"Cliff's delta {p['cliffs_delta']:+.3f} [{p['cliffs_delta_ci_low']:+.3f}, {p['cliffs_delta_ci_high']:+.3f}], "
             f"adjusted p {fmt_p(p['p_adjusted'])}: verdict {v.get('verdict')}, {v.get('reason', '').split(': ', 1)[-1]}."]
 
 

@@ -352,10 +352,14 @@ def compute_scores(
         ``{canonical name: fp32 CPU tensor [d_out, d_in]}`` in ``linear_modules`` order; for GPT-2's
         ``Conv1D`` (parameter stored ``[d_in, d_out]``) the transposed, canonical ``[d_out, d_in]`` layout.
     """
+    from .. import distributed
+
     method = get_method(method)
     if batch_size < 1:
         raise BrittleError(f"batch_size must be >= 1, got {batch_size}")
-    encoded = _encode_all(tokenizer, examples, max_length, method)
+    encoded = _encode_all(tokenizer, examples, max_length, method)  # all of them: every process checks every example
+    n_examples = len(encoded)
+    encoded = distributed.shard(encoded)  # this process's share (all of them in a single process)
     mods = select_modules(model, modules)
     passes = plan_passes(mods, method, max_accumulator_bytes)
     if device is not None:
@@ -372,7 +376,7 @@ def compute_scores(
     n_resp = 0
 
     bar = None
-    if progress:
+    if progress and distributed.is_main():
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(batches) * len(passes), desc=f"{method.name} scores", unit="batch", dynamic_ncols=True)
@@ -442,8 +446,10 @@ def compute_scores(
         model.train(was_training)
         if bar is not None:
             bar.close()
+    if distributed.active():  # the counts of all processes' shares
+        n_tok, n_resp = (int(v) for v in distributed.sum_across(torch.tensor([n_tok, n_resp], dtype=torch.int64)))
     if stats is not None:
-        stats.update(n_examples=len(encoded), n_tokens=n_tok, n_response_tokens=n_resp, n_passes=len(passes))
+        stats.update(n_examples=n_examples, n_tokens=n_tok, n_response_tokens=n_resp, n_passes=len(passes))
     return {n: scores[n] for n in mods}
 
 

@@ -93,8 +93,11 @@ class ScoreMethod:
         raise NotImplementedError
 
     def reduce(self, acc: torch.Tensor) -> torch.Tensor:
-        """Combine the accumulators of all processes (before ``|W|`` is multiplied in); identity for one process."""
-        return acc
+        """Combine the accumulators of all processes (before ``|W|`` is multiplied in): their sum, since every
+        accumulator is a sum over examples (:mod:`brittle.distributed`); identity for one process."""
+        from ..distributed import sum_across
+
+        return sum_across(acc)
 
     def finish(self, acc: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """The fp32 score ``[d_out, d_in]`` from the (reduced) accumulator and the weight; may reuse ``acc``."""
