@@ -53,6 +53,10 @@ def test_demo_runs_every_stage_of_the_shipped_config_and_prints_the_findings(smo
     assert set(cfg.stages) == {"data", "scores", "groups", "ablation", "finetune", "overlap", "stats", "report"}
     report = tmp_path / "demo" / "report"
     assert f"report: {(report / 'report.html').resolve()}" in res.output
+    # the ablation's dense model was evaluated with the fine-tunings' settings: both copy it, none evaluates again
+    assert res.output.count("evaluated already") == 2 and "evaluating the model before" not in res.output
+    dense = json.loads((tmp_path / "demo" / "ablation" / "eval" / "dense" / "summary.json").read_text())
+    assert json.loads((tmp_path / "demo" / "finetune" / "free" / "eval" / "before" / "summary.json").read_text()) == dense
     findings = (report / "findings.txt").read_text()
     for part in ("Ablation: refusal on 2 held-out harmful prompts", "Fine-tuning frozen", "Fine-tuning free",
                  "Experiment 1", "Experiment 2", "verdict"):

@@ -260,7 +260,10 @@ def ablation_stage(ctx: RunContext, cfg: ExperimentConfig) -> StageResult:
         return {**file_outputs(folder, {"table": "ablation.csv", "markdown": "ablation.md", "figure": "ablation.png"}),
                 "rows": len(table)}
 
-    return run_stage(ctx, "ablation", ctx.out / "ablation", settings, inputs, produce)
+    result = run_stage(ctx, "ablation", ctx.out / "ablation", settings, inputs, produce)
+    # the dense model is the run's model as loaded: the model before any fine-tuning of the run
+    _remember_evaluation(ctx, evaluation_key(fingerprint, eval_cfg), result.folder / "eval" / "dense")
+    return result
 
 
 def lowrank_stage(ctx: RunContext, cfg: ExperimentConfig) -> StageResult:
@@ -379,9 +382,9 @@ def finetune_key(name: str) -> str:
 
 def finetune_stage(ctx: RunContext, cfg: ExperimentConfig) -> dict[str, StageResult]:
     """Stage ``finetune``: each fine-tuning of ``finetune`` (one, or one per variant), in the order given. The model
-    before fine-tuning is evaluated once per evaluation setting: later variants copy the first one's evaluation."""
-    evaluated: dict[str, Path] = {}
-    return {name: _finetune_job(ctx, cfg, name, job, evaluated) for name, job in cfg.finetune.jobs().items()}
+    before fine-tuning is evaluated once per evaluation setting in a run: later variants (and a fine-tuning after an
+    ablation with the same evaluation settings) copy that evaluation (:func:`evaluation_key`)."""
+    return {name: _finetune_job(ctx, cfg, name, job) for name, job in cfg.finetune.jobs().items()}
 
 
 def _selected_finetune(ctx: RunContext, cfg: ExperimentConfig, name: str | None, what: str) -> StageResult | None:
@@ -390,10 +393,18 @@ def _selected_finetune(ctx: RunContext, cfg: ExperimentConfig, name: str | None,
     return ctx.results.get(key)
 
 
-def _finetune_job(ctx: RunContext, cfg: ExperimentConfig, name: str, ft, evaluated: dict[str, Path]) -> StageResult:
-    """One fine-tuning: a copy of the run's model (see :mod:`brittle.finetune.job`) into ``finetune[/<name>]``.
-    ``evaluated``: evaluation key -> an ``eval/before`` folder of this run's model already written (shared by the
-    variants; filled here)."""
+def evaluation_key(fingerprint: str, eval_cfg) -> str:
+    """What makes two evaluations in a run the same: the model's weights and every evaluation setting."""
+    return sha256_json({"model_weights": fingerprint, "eval": eval_cfg.model_dump(mode="json")})
+
+
+def _remember_evaluation(ctx: RunContext, key: str, folder: Path) -> None:
+    if (folder / "summary.json").exists():
+        ctx.evaluations.setdefault(key, folder)
+
+
+def _finetune_job(ctx: RunContext, cfg: ExperimentConfig, name: str, ft) -> StageResult:
+    """One fine-tuning: a copy of the run's model (see :mod:`brittle.finetune.job`) into ``finetune[/<name>]``."""
     import copy
     import shutil
 
@@ -426,7 +437,7 @@ def _finetune_job(ctx: RunContext, cfg: ExperimentConfig, name: str, ft, evaluat
     if ctx.force and checkpoints.exists():
         shutil.rmtree(checkpoints)  # --force: start over rather than resume another setup's training
 
-    before_key = sha256_json({"model_weights": fingerprint, "eval": eval_cfg.model_dump(mode="json")})
+    before_key = evaluation_key(fingerprint, eval_cfg)
 
     def produce(folder: Path) -> dict[str, Any]:
         ctx.log(f"{tag} data {ft.data}: {data_record['n']} examples"
@@ -435,7 +446,7 @@ def _finetune_job(ctx: RunContext, cfg: ExperimentConfig, name: str, ft, evaluat
         outputs = run_finetune(work, tok, examples, ft, folder, train_config=ft.train.model_copy(update={"seed": cfg.seed}),
                                freeze=next(iter(freeze.values()), None), track=track, checkpoint_dir=checkpoints,
                                eval_config=eval_cfg, progress=ctx.progress, log=ctx.log,
-                               before_from=evaluated.get(before_key))
+                               before_from=ctx.evaluations.get(before_key))
         del work
         shutil.rmtree(checkpoints, ignore_errors=True)
         for when, figures in outputs.get("evaluation", {}).items():
@@ -445,8 +456,8 @@ def _finetune_job(ctx: RunContext, cfg: ExperimentConfig, name: str, ft, evaluat
         return {**outputs, "data": data_record}
 
     result = run_stage(ctx, "finetune", folder, settings, inputs, produce, key=finetune_key(name))
-    if ft.evaluate and (result.folder / "eval" / "before" / "summary.json").exists():
-        evaluated.setdefault(before_key, result.folder / "eval" / "before")
+    if ft.evaluate:
+        _remember_evaluation(ctx, before_key, result.folder / "eval" / "before")
     return result
 
 

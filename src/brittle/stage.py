@@ -50,6 +50,10 @@ class RunContext:
     results: dict[str, StageResult] = field(default_factory=dict)
     # objects the stages share within one run (the loaded model), never written anywhere
     cache: dict[Any, Any] = field(default_factory=dict)
+    # evaluations already written in this run: key (model weights + evaluation settings) -> their folder, so that a
+    # later stage evaluating the same model the same way copies them (the ablation's dense model is the model
+    # before fine-tuning)
+    evaluations: dict[str, Path] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
