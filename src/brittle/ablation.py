@@ -189,7 +189,7 @@ def run_sweep(model, tokenizer, points: Sequence[SweepPoint], out_dir, layout: S
     write_text(out_dir / f"{name}.md", ablation_markdown(table, cfg, fraction_legend=layout.fraction_legend),
                overwrite=True)
     (out_dir / f"{name}.partial.csv").unlink(missing_ok=True)
-    plot_ablation(table, out_dir / f"{name}.png", xlabel=layout.xlabel)
+    plot_ablation(table, out_dir / f"{name}.png", xlabel=layout.xlabel, title=f"{name}: the dense model and each point")
     return table
 
 
@@ -254,28 +254,10 @@ def ablation_markdown(table, cfg=None, *, fraction_legend: str = ABLATION_LAYOUT
     return header + body + legend
 
 
-def plot_ablation(table, path, *, xlabel: str = ABLATION_LAYOUT.xlabel) -> None:
-    """ASR, degenerate share and accuracy against the fraction removed, one line per group kind, dense as
-    reference."""
-    import matplotlib
+def plot_ablation(table, path, *, xlabel: str = ABLATION_LAYOUT.xlabel, title: str = "") -> None:
+    """The sweep's figure: the report's :func:`brittle.report.figures.ablation_figure` (refusal, ASR, degenerate
+    share, over-refusal, perplexity and accuracy against the fraction removed, one line per group kind with its
+    interval where the table has one, the dense model dashed), saved as a PNG."""
+    from .report.figures import ablation_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    dense = table[table.group == "dense"].iloc[0]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for ax, col, label in zip(axes, ("asr", "degenerate", "accuracy_mean"),
-                              ("ASR (default judge)", "degenerate share", "mean zero-shot accuracy"), strict=True):
-        for kind, sub in table[table.group != "dense"].groupby("group", sort=False):
-            sub = sub.sort_values("fraction_removed")
-            ax.plot(sub.fraction_removed * 100, sub[col], marker="o", label=kind)
-        if dense[col] == dense[col] and dense[col] is not None:
-            ax.axhline(dense[col], color="black", linestyle="--", linewidth=1, label="dense")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    ablation_figure(table, title, xlabel=xlabel).savefig(path, dpi=110)

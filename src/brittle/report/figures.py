@@ -59,9 +59,10 @@ ABLATION_PANELS = (  # column, label, interval columns (low, high), log scale
 )
 
 
-def ablation_figure(table, title: str) -> Figure:
-    """One panel per measure against the share of weights removed (%), one line per group kind with its 95 %
-    interval as a band (Wilson for shares, the table's interval for ASR); the dense model as a dashed line."""
+def ablation_figure(table, title: str, *, xlabel: str = "weights removed (% of scored linear weights)") -> Figure:
+    """One panel per measure against ``fraction_removed`` in % (the weights removed; for the rank-level sweep the
+    rank removed, with its own ``xlabel``), one line per group kind with its 95 % interval as a band where the
+    table has one (Wilson for shares, the table's interval for ASR); the dense model as a dashed line."""
     panels = [p for p in ABLATION_PANELS if p[0] in table.columns]
     ncols = 3
     nrows = max(1, (len(panels) + ncols - 1) // ncols)
@@ -79,13 +80,13 @@ def ablation_figure(table, title: str) -> Figure:
             if ci and ci[0] in sub.columns and ci[1] in sub.columns:
                 lo, hi = sub[ci[0]].astype(float), sub[ci[1]].astype(float)
                 ax.fill_between(x, lo, hi, color=c, alpha=0.15, linewidth=0)
-        if len(dense) and dense.iloc[0][col] == dense.iloc[0][col]:
+        if len(dense) and dense.iloc[0][col] is not None and dense.iloc[0][col] == dense.iloc[0][col]:
             ax.axhline(float(dense.iloc[0][col]), color="black", linestyle="--", linewidth=1, label="dense")
         if log:
             ax.set_yscale("log")
         elif col != "accuracy_mean":
             ax.set_ylim(-0.03, 1.03)
-        ax.set_xlabel("weights removed (% of scored linear weights)")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(label)
         ax.set_title(label, fontsize=9)
         ax.grid(alpha=0.3)
@@ -93,8 +94,9 @@ def ablation_figure(table, title: str) -> Figure:
         ax.set_visible(False)
     if panels:
         axes[0].legend(fontsize=7, loc="best")
-    _suptitle(fig, title)
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    if title:
+        _suptitle(fig, title)
+    fig.tight_layout(rect=(0, 0, 1, 0.95) if title else None)
     return fig
 
 
