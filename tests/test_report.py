@@ -344,7 +344,7 @@ def test_findings_of_a_partial_run_name_only_what_it_has(tmp_path):
     lines = files["findings"].read_text(encoding="utf-8").splitlines()
     assert len(lines) == 1 and lines[0].startswith("- Fine-tuning (") and "refusal" in lines[0]
     ev = {m["metric"]: m for m in json.loads(files["json"].read_text())["finetune"]["evaluation"]}
-    assert f"refusal {fmt(ev['refusal']['before_value'])} -> {fmt(ev['refusal']['after_value'])}" in lines[0]
+    assert f"refusal {ev['refusal']['before_value']:.2f} -> {ev['refusal']['after_value']:.2f}" in lines[0]
 
 
 def test_broken_file_is_a_missing_line(tmp_path):

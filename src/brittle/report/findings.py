@@ -10,6 +10,15 @@ from typing import Any
 from .fmt import fmt, fmt_ci, fmt_p
 
 
+def _share(x: Any) -> str:
+    """A share (refusal, degenerate) with two decimals, as the intervals around it."""
+    return fmt(x) if x is None else f"{x:.2f}"
+
+
+def _share_ci(lo: Any, hi: Any) -> str:
+    return fmt_ci(lo, hi) if lo is None or hi is None else f"[{lo:.2f}, {hi:.2f}]"
+
+
 def _ablation(a: Mapping[str, Any]) -> list[str]:
     rows = a.get("rows") or []
     dense = next((r for r in rows if r.get("group") == "dense"), None)
@@ -23,11 +32,11 @@ def _ablation(a: Mapping[str, Any]) -> list[str]:
     for g in ("set_difference", "top_safety", "random_magnitude", "random"):
         r = at.get(g)
         if r is not None:
-            parts.append(f"{g} {fmt(r['refusal'])} {fmt_ci(r.get('refusal_ci95_low'), r.get('refusal_ci95_high'))}"
-                         f" (degenerate {fmt(r.get('degenerate'))}, perplexity {fmt(r.get('perplexity'))})")
+            parts.append(f"{g} {_share(r['refusal'])} {_share_ci(r.get('refusal_ci95_low'), r.get('refusal_ci95_high'))}"
+                         f" (degenerate {_share(r.get('degenerate'))}, perplexity {fmt(r.get('perplexity'))})")
     head = f"Ablation: refusal on {n} held-out harmful prompts"
     if dense is not None:
-        head += f" is {fmt(dense.get('refusal'))} for the unchanged model (perplexity {fmt(dense.get('perplexity'))})"
+        head += f" is {_share(dense.get('refusal'))} for the unchanged model (perplexity {fmt(dense.get('perplexity'))})"
     return [f"{head}; with q = {q:g} of each matrix removed: " + "; ".join(parts) + " (Wilson 95 % intervals)."]
 
 
@@ -67,8 +76,8 @@ def _finetune(f: Mapping[str, Any]) -> list[str]:
         frozen = f"{settings['freeze']} frozen" if settings.get("freeze") else "nothing frozen"
         ppl = ev.get("perplexity")
         out.append(f"Fine-tuning{' ' + name if name else ''} ({settings.get('data', '?')}, {frozen}): refusal "
-                   f"{fmt(m['before_value'])} -> {fmt(m['after_value'])} "
-                   f"{fmt_ci(m.get('after_ci95_low'), m.get('after_ci95_high'))} (n = {m.get('after_n')})"
+                   f"{_share(m['before_value'])} -> {_share(m['after_value'])} "
+                   f"{_share_ci(m.get('after_ci95_low'), m.get('after_ci95_high'))} (n = {m.get('after_n')})"
                    + (f", perplexity {fmt(ppl['before_value'])} -> {fmt(ppl['after_value'])}" if ppl else "") + ".")
     return out
 
