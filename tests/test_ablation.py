@@ -11,10 +11,9 @@ from brittle.ablation import (
     ablated,
     ablation_markdown,
     fraction_removed,
-    source_weights,
 )
 from brittle.io import BrittleError
-from brittle.models import linear_modules, linear_weight
+from brittle.models import linear_modules, linear_weight, linear_weights
 from brittle.testing import tiny_model
 
 
@@ -54,7 +53,7 @@ def test_recovering_from_another_model_takes_its_values_and_restores_bit_exactly
     before = _state(model)
     saved = {name: linear_weight(m).detach().clone() for name, m in linear_modules(model).items()}
     group = _random_group(model, 0.2)
-    src = source_weights(other)
+    src = linear_weights(other)
     assert all(not torch.equal(src[n][group[n]], linear_weight(m).detach()[group[n]])
                for n, m in linear_modules(model).items())  # different seeds: the recovery is visible
     with ablated(model, group, source=src):

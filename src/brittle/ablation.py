@@ -28,7 +28,7 @@ def ablated(model: torch.nn.Module, group: Mapping[str, torch.Tensor], value: fl
             source: Mapping[str, torch.Tensor] | None = None) -> Iterator[torch.nn.Module]:
     """Set the weights selected by ``group`` to ``value`` (0: the paper's pruning) inside the block, or, with
     ``source`` (canonical name -> ``[d_out, d_in]`` weights of another model, e.g. the base model before
-    alignment: :func:`source_weights`), to that model's values at the same entries (the paper's recovery)."""
+    alignment: :func:`brittle.models.linear_weights`), to that model's values at the same entries (the paper's recovery)."""
     modules = linear_modules(model)
     check_masks(modules, group)
     if source is not None:
@@ -58,12 +58,6 @@ def check_source(model: torch.nn.Module, source: Mapping[str, torch.Tensor], nam
         if tuple(source[n].shape) != shapes[n]:
             raise BrittleError(f"the model to recover from has {n} of shape {tuple(source[n].shape)}, this model "
                                f"{shapes[n]}: recovering needs the same architecture")
-
-
-def source_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Canonical name -> ``[d_out, d_in]`` weight (detached views, no copy) of a model's linear modules: the
-    ``source`` of :func:`ablated` (recovering removed entries from that model)."""
-    return {n: linear_weight(m).detach() for n, m in linear_modules(model).items()}
 
 
 def fraction_removed(model: torch.nn.Module, group: Mapping[str, torch.Tensor]) -> float:

@@ -104,6 +104,13 @@ class GroupsConfig(FrozenConfig):
         return _fraction(v, info.field_name)
 
 
+def _listed_once(values, what: str, shown=None):
+    """``values`` unchanged, or a ValueError naming the ``what`` listed twice (``shown``: how the list is printed)."""
+    if len(set(values)) != len(values):
+        raise ValueError(f"a {what} is listed twice: {shown if shown is not None else list(values)}")
+    return values
+
+
 class AblationConfig(FrozenConfig):
     """Stage ``ablation``: remove each group kind at each (p, q) point, evaluate with ``eval`` (the lighter
     sweep evaluation, :class:`~brittle.evaluation.config.SweepEvalConfig`), write ``ablation/ablation.csv``."""
@@ -126,9 +133,7 @@ class AblationConfig(FrozenConfig):
     def _check_kinds(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         if not v:
             raise ValueError("give at least one group kind")
-        if len(set(v)) != len(v):
-            raise ValueError(f"a kind is listed twice: {list(v)}")
-        return v
+        return _listed_once(v, "kind")
 
     @field_validator("sparsities")
     @classmethod
@@ -190,9 +195,7 @@ class LowrankConfig(FrozenConfig):
         if v == ():
             raise ValueError("give at least one rank")
         if isinstance(v, tuple):
-            v = tuple(_rank(r, "a rank") for r in v)
-            if len(set(v)) != len(v):
-                raise ValueError(f"a rank is listed twice: {list(v)}")
+            v = _listed_once(tuple(_rank(r, "a rank") for r in v), "rank")
         return v
 
     @field_validator("orthogonal", mode="before")
@@ -204,9 +207,7 @@ class LowrankConfig(FrozenConfig):
                 if not isinstance(pair, (list, tuple)) or len(pair) != 2:
                     raise ValueError(f"give [r_utility, r_safety] pairs, got {pair!r}")
                 out.append((_rank(pair[0], "r_utility"), _rank(pair[1], "r_safety")))
-            if len(set(out)) != len(out):
-                raise ValueError(f"a pair is listed twice: {[list(x) for x in out]}")
-            return out
+            return _listed_once(out, "pair", [list(x) for x in out])
         return v
 
     @field_validator("targets")
@@ -219,9 +220,7 @@ class LowrankConfig(FrozenConfig):
         bad = [t for t in v if not re.fullmatch(r"[A-Za-z_][\w]*", t)]
         if bad:
             raise ValueError(f"roles are names such as q, k, v, o, gate, up, down (or all), got {bad}")
-        if len(set(v)) != len(v):
-            raise ValueError(f"a role is listed twice: {list(v)}")
-        return v
+        return _listed_once(v, "role")
 
     def max_ranks(self) -> dict[str, int]:
         """The most directions needed per set: ``{"safety": ..., "utility": ...}`` (0 = not needed)."""
@@ -294,9 +293,7 @@ class ExperimentConfig(BaseSettings):
     @field_validator("stages")
     @classmethod
     def _ordered(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        if len(set(v)) != len(v):
-            raise ValueError(f"a stage is listed twice: {list(v)}")
-        return tuple(sorted(v, key=STAGES.index))
+        return tuple(sorted(_listed_once(v, "stage"), key=STAGES.index))
 
     @model_validator(mode="after")
     def _one_seed(self) -> ExperimentConfig:

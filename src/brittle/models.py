@@ -112,6 +112,11 @@ def load_pretrained(path: str, spec: str | None = None, *, dtype: torch.dtype | 
     return model, tok
 
 
+def linear_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Canonical name -> ``[d_out, d_in]`` weight of every linear module (detached views, no copy)."""
+    return {n: linear_weight(m).detach() for n, m in linear_modules(model).items()}
+
+
 def model_id(model: nn.Module) -> str:
     """A human-readable identifier of a loaded model (the spec it was loaded from, or its config name)."""
     return getattr(model, "brittle_spec", None) or getattr(getattr(model, "config", None), "_name_or_path", "") or "unknown"

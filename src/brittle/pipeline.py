@@ -204,11 +204,11 @@ def groups_stage(ctx: RunContext, cfg: ExperimentConfig) -> StageResult:
     inputs = {"safety_scores": safety_sha, "utility_scores": utility_sha}
     weights, fingerprint = None, None
     if g.magnitude or points:  # the magnitude-matched controls need |W| of the scored model
-        from .models import linear_modules, linear_weight
+        from .models import linear_weights
 
         model, _, fingerprint = run_model(ctx, cfg)
         inputs["model_weights"] = fingerprint
-        weights = {n: linear_weight(m).detach() for n, m in linear_modules(model).items()}
+        weights = linear_weights(model)
 
     def produce(folder: Path) -> dict[str, Any]:
         result = build_groups(safety, utility, folder, top=g.top, p=g.p, q=g.q, scope=g.scope, seed=cfg.seed,
@@ -231,13 +231,12 @@ def ablation_stage(ctx: RunContext, cfg: ExperimentConfig) -> StageResult:
     source, source_fingerprint = None, None
     if cfg.ablation.recover_from is not None:
         # loaded before the run's model (one model is cached at a time); only its linear weights are kept
-        from .ablation import source_weights
-        from .models import weight_fingerprint
+        from .models import linear_weights, weight_fingerprint
         from .presets import load_model
 
         ctx.log(f"[ablation] removed entries recover their values from {cfg.ablation.recover_from}")
         other, _ = load_model(cfg.ablation.recover_from, dtype=cfg.dtype, device=cfg.device)
-        source, source_fingerprint = source_weights(other), weight_fingerprint(other)
+        source, source_fingerprint = linear_weights(other), weight_fingerprint(other)
         del other
     model, tok, fingerprint = run_model(ctx, cfg)
     if source is not None:
