@@ -10,6 +10,9 @@ import torch
 # Tests never reach the Hugging Face Hub (CI has no network beyond package registries).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Every test computes its stages: none copies a finished one from the shared cache of $BRITTLE_CACHE/stages
+# (tests/test_stage.py turns the cache on with a private $BRITTLE_CACHE to test it).
+os.environ["BRITTLE_SHARED_STAGES"] = "0"
 
 
 @pytest.fixture(scope="session")

@@ -87,3 +87,37 @@ def test_differing_keys_are_dotted_paths():
     new = {"config": {"a": 1, "eval": {"n": 3, "t": [1]}}, "inputs": {"x": "h", "y": "g"}}
     assert differing_keys(old, new) == ["config.eval.n", "inputs.y"]
     assert differing_keys(old, old) == []
+
+
+def test_shared_stage_is_copied_into_another_run_directory_from_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("BRITTLE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("BRITTLE_SHARED_STAGES", "1")
+    calls: list = []
+    first = run_stage(RunContext(out=tmp_path / "a"), "data", tmp_path / "a" / "data", GroupsConfig(), {"w": "1"},
+                      _producer(calls), shared=True)
+    assert not first.reused and len(calls) == 1
+    cached = list((tmp_path / "cache" / "stages").iterdir())
+    assert [c.name[:5] for c in cached] == ["data-"] and (cached[0] / "out.txt").read_text() == "hello"
+
+    logs: list[str] = []
+    second = run_stage(RunContext(out=tmp_path / "b", log=logs.append), "data", tmp_path / "b" / "data",
+                       GroupsConfig(), {"w": "1"}, _producer(calls, "other"), shared=True)
+    assert second.reused and len(calls) == 1  # not computed again
+    assert (tmp_path / "b" / "data" / "out.txt").read_text() == "hello" and second.outputs == first.outputs
+    assert second.manifest["copied_from"] == str(cached[0]) and any("shared cache" in line for line in logs)
+    assert not (tmp_path / "b" / "data.partial").exists()
+    # a third run in "b" reuses its own folder by the one rule
+    assert run_stage(RunContext(out=tmp_path / "b"), "data", tmp_path / "b" / "data", GroupsConfig(), {"w": "1"},
+                     _producer(calls), shared=True).reused and len(calls) == 1
+
+    # another record is computed (and cached beside the first); a stage not marked shared never touches the cache
+    run_stage(RunContext(out=tmp_path / "c"), "data", tmp_path / "c" / "data", GroupsConfig(), {"w": "2"},
+              _producer(calls, "w2"), shared=True)
+    run_stage(RunContext(out=tmp_path / "c"), "groups", tmp_path / "c" / "groups", GroupsConfig(), {"w": "2"},
+              _producer(calls))
+    assert len(calls) == 3 and len(list((tmp_path / "cache" / "stages").iterdir())) == 2
+
+    monkeypatch.setenv("BRITTLE_SHARED_STAGES", "0")  # off: computed, nothing added
+    run_stage(RunContext(out=tmp_path / "d"), "data", tmp_path / "d" / "data", GroupsConfig(), {"w": "1"},
+              _producer(calls, "off"), shared=True)
+    assert len(calls) == 4 and (tmp_path / "d" / "data" / "out.txt").read_text() == "off"

@@ -11,11 +11,17 @@ reused (not run). A recorded manifest that differs is refused, naming the keys t
 context has ``force``: then the stage is recomputed, and since its outputs' hashes are inputs of the stages
 after it, those are recomputed too when its outputs changed. Identical recorded inputs mean identical
 results, so ``force`` never recomputes a stage whose record matches (delete its folder to redo it anyway).
+
+A stage run with ``shared=True`` (the ``data`` stage: a model's own answers, minutes of generation that every run
+directory of that model and settings repeats) also keeps a copy of its folder in ``$BRITTLE_CACHE/stages/``, named by
+a hash of its record; a later run in another directory with exactly the same record copies that folder instead of
+computing it (its manifest then says ``copied_from``). ``BRITTLE_SHARED_STAGES=0`` turns this off.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable, Mapping
@@ -25,7 +31,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from .io import BrittleError, manifest, sha256_file, write_manifest
+from .io import BrittleError, cache_dir, manifest, sha256_file, sha256_json, write_manifest
 
 MANIFEST = "manifest.json"
 
@@ -114,13 +120,14 @@ def file_outputs(folder: Path, files: Mapping[str, str]) -> dict[str, dict[str, 
 
 def run_stage(ctx: RunContext, name: str, folder: Path, config: BaseModel | Mapping[str, Any],
               inputs: Mapping[str, Any], produce: Callable[[Path], Mapping[str, Any]], *,
-              seeds: Mapping[str, int] | None = None, key: str | None = None) -> StageResult:
+              seeds: Mapping[str, int] | None = None, key: str | None = None, shared: bool = False) -> StageResult:
     """Run ``produce(partial_folder) -> outputs`` unless ``folder`` holds a matching record (see module doc).
 
     ``inputs`` are what the results depend on besides ``config``: sha256 of input files, weight fingerprints,
     earlier stages' output hashes. ``outputs`` are JSON-able; a file output is ``{"file": relative name,
     "sha256": ...}`` (see :func:`file_outputs`). The result is kept in ``ctx.results`` under ``key`` (default: the
-    stage's name; e.g. one key per fine-tuning variant of the one stage ``finetune``).
+    stage's name; e.g. one key per fine-tuning variant of the one stage ``finetune``). ``shared``: look the record
+    up in, and add the result to, the shared cache of finished stages (see module doc).
     """
     from . import distributed
 
@@ -129,12 +136,12 @@ def run_stage(ctx: RunContext, name: str, folder: Path, config: BaseModel | Mapp
     distributed.barrier()  # every process decides reuse on the same state of the folder
     old = read_manifest(folder)
     if old is not None:
-        old_record = {"config": old.get("config"), "inputs": old.get("inputs")}
-        if old.get("stage") == name and old_record == record:
+        if _matches(old, name, record):
             ctx.log(f"[{name}] reusing {folder}")
             result = StageResult(name, folder, old, reused=True)
             ctx.results[key or name] = result
             return result
+        old_record = {"config": old.get("config"), "inputs": old.get("inputs")}
         diff = differing_keys(old_record, record) if old.get("stage") == name else ["stage"]
         if not ctx.force:
             raise StageMismatchError(
@@ -144,12 +151,20 @@ def run_stage(ctx: RunContext, name: str, folder: Path, config: BaseModel | Mapp
     elif folder.exists() and any(folder.iterdir()):
         raise StageMismatchError(f"{folder} exists but holds no {MANIFEST} (not written by this stage of brittle?); "
                                  "move it away or choose another --out")
+    cached = shared_stage_folder(name, record) if shared else None
+    hit = cached is not None and _matches(read_manifest(cached), name, record)
     if not distributed.is_main():
-        return _follow_main(ctx, name, folder, produce, key)
+        return _follow_main(ctx, name, folder, None if hit else produce, key)
     partial = folder.with_name(folder.name + ".partial")
     if partial.exists():
         ctx.log(f"[{name}] removing {partial} left by an interrupted run")
         shutil.rmtree(partial)
+    if hit:
+        shutil.copytree(cached, partial, ignore=shutil.ignore_patterns(MANIFEST))
+        man = {**read_manifest(cached), "copied_from": str(cached)}
+        write_manifest(partial, man)
+        ctx.log(f"[{name}] copied from the shared cache {cached}")
+        return _finish(ctx, name, folder, partial, man, key, reused=True)
     partial.mkdir(parents=True)
     t0 = time.perf_counter()
     outputs = dict(produce(partial))
@@ -159,30 +174,69 @@ def run_stage(ctx: RunContext, name: str, folder: Path, config: BaseModel | Mapp
     man = manifest(name, record["config"], seeds=dict(seeds), inputs=record["inputs"], outputs=jsonable(outputs))
     man = {"stage": name, **man, "seconds": seconds}
     write_manifest(partial, man)
+    if cached is not None:
+        _add_to_shared_cache(ctx, partial, cached)
+    ctx.log(f"[{name}] done in {seconds:.0f} s -> {folder}")
+    return _finish(ctx, name, folder, partial, man, key, reused=False)
+
+
+def _finish(ctx: RunContext, name: str, folder: Path, partial: Path, man: dict[str, Any], key: str | None, *,
+            reused: bool) -> StageResult:
+    """Move the finished ``partial`` folder onto ``folder`` and record the result."""
+    from . import distributed
+
     if folder.exists():
         shutil.rmtree(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     partial.rename(folder)
-    ctx.log(f"[{name}] done in {seconds:.0f} s -> {folder}")
     distributed.barrier()  # the other processes read the folder now
-    result = StageResult(name, folder, man, reused=False)
+    result = StageResult(name, folder, man, reused=reused)
     ctx.results[key or name] = result
     return result
 
 
-def _follow_main(ctx: RunContext, name: str, folder: Path, produce: Callable[[Path], Mapping[str, Any]],
+def _matches(man: Mapping[str, Any] | None, name: str, record: Mapping[str, Any]) -> bool:
+    return man is not None and man.get("stage") == name and \
+        {"config": man.get("config"), "inputs": man.get("inputs")} == record
+
+
+def shared_stage_folder(name: str, record: Mapping[str, Any]) -> Path | None:
+    """Where the shared cache keeps the stage ``name`` of this record (``None`` when ``BRITTLE_SHARED_STAGES=0``)."""
+    if os.environ.get("BRITTLE_SHARED_STAGES", "1") == "0":
+        return None
+    return cache_dir() / "stages" / f"{name.replace(':', '-')}-{sha256_json({'stage': name, **record})[:16]}"
+
+
+def _add_to_shared_cache(ctx: RunContext, partial: Path, cached: Path) -> None:
+    """Copy a finished stage folder into the shared cache (atomically: a private folder, then a rename); a cache that
+    cannot be written costs only the copy, never the run."""
+    tmp = cached.with_name(f"{cached.name}.partial.{os.getpid()}")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(partial, tmp)
+        if cached.exists():
+            shutil.rmtree(cached)
+        tmp.rename(cached)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        ctx.log(f"[stage] could not add {partial.name} to the shared cache {cached.parent}: {e}")
+
+
+def _follow_main(ctx: RunContext, name: str, folder: Path, produce: Callable[[Path], Mapping[str, Any]] | None,
                  key: str | None) -> StageResult:
     """A process other than 0 of a multi-process run (:mod:`brittle.distributed`): compute alongside process 0 (its
-    collective operations need every process) into a private folder, drop it, and take process 0's record."""
+    collective operations need every process) into a private folder, drop it, and take process 0's record.
+    ``produce=None``: process 0 copies the stage from the shared cache; only wait for it."""
     from . import distributed
 
-    private = folder.with_name(f"{folder.name}.partial.rank{distributed.rank()}")
-    shutil.rmtree(private, ignore_errors=True)
-    private.mkdir(parents=True)
-    try:
-        produce(private)
-    finally:
+    if produce is not None:
+        private = folder.with_name(f"{folder.name}.partial.rank{distributed.rank()}")
         shutil.rmtree(private, ignore_errors=True)
+        private.mkdir(parents=True)
+        try:
+            produce(private)
+        finally:
+            shutil.rmtree(private, ignore_errors=True)
     distributed.barrier()
     man = read_manifest(folder)
     if man is None:
