@@ -87,44 +87,63 @@ def _csr(crow: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, shape: tupl
         return torch.sparse_csr_tensor(crow, cols, vals, shape, check_invariants=False)
 
 
+class _Pattern:
+    """The frozen entries of one ``[d_out, d_in]`` module as CSR index arrays of ``S`` and of ``S^T`` (computed once
+    at install): ``rows``/``cols`` in row-major order (``mask.nonzero()``), ``crow`` their CSR row pointers;
+    ``perm`` orders them column-major, ``crow_t`` and ``rows[perm]`` are then the CSR of ``S^T``."""
+
+    def __init__(self, mask: torch.Tensor, device: torch.device):
+        rows, cols = mask.nonzero(as_tuple=True)  # row-major: rows sorted, as CSR needs
+        self.shape = tuple(mask.shape)
+        self.rows, self.cols = rows.to(device), cols.to(device)
+        self.crow = torch._convert_indices_from_coo_to_csr(self.rows, self.shape[0])
+        self.perm = torch.argsort(self.cols * self.shape[0] + self.rows)
+        self.crow_t = torch._convert_indices_from_coo_to_csr(self.cols[self.perm], self.shape[1])
+        self.rows_t = self.rows[self.perm]
+
+    def matrix(self, vals: torch.Tensor) -> torch.Tensor:
+        return _csr(self.crow, self.cols, vals, self.shape)
+
+    def transposed(self, vals: torch.Tensor) -> torch.Tensor:
+        return _csr(self.crow_t, self.rows_t, vals[self.perm], (self.shape[1], self.shape[0]))
+
+
 class _FrozenShare(torch.autograd.Function):
-    """``y = x S^T`` for the sparse ``S`` (CSR: ``crow``, ``cols``; values ``vals``, ``shape = [d_out, d_in]``) and
-    its gradients: ``dx = dy S`` (sparse x dense) and ``dvals_k = sum_t dy[t, i_k] x[t, j_k]``, a sampled dense
-    product (``torch.sparse.sampled_addmm``) that never forms ``dy^T x``. 4.5x faster than autograd through a COO
-    ``torch.sparse.mm`` (0.025 vs 0.112 s forward+backward for a 1536 x 576 module, 3 % frozen, 1024 tokens,
-    2 CPU threads), with the same floats in that test."""
+    """``y = x S^T`` for the sparse ``S`` (values ``vals`` at the entries of ``pattern``, ``[d_out, d_in]``) and
+    its gradients: ``dx = dy S`` and ``dvals_k = sum_t dy[t, i_k] x[t, j_k]``, a sampled dense product
+    (``torch.sparse.sampled_addmm``) that never forms ``dy^T x``. Every product is CSR x contiguous dense
+    (``S x^T``, ``S^T dy^T`` with the CSR of ``S^T`` precomputed): on a CPU, a CSR product with a transposed
+    (strided) dense operand or a transposed CSR matrix was 4-20x slower (benchmarks/bench_freeze.py)."""
 
     @staticmethod
-    def forward(ctx, vals, x, crow, cols, shape):
-        ctx.save_for_backward(vals, x, crow, cols)
-        ctx.shape = shape
-        return (_csr(crow, cols, vals, shape) @ x.t()).t()
+    def forward(ctx, vals, x, pattern):
+        ctx.save_for_backward(vals, x)
+        ctx.pattern = pattern
+        return (pattern.matrix(vals) @ x.t().contiguous()).t()
 
     @staticmethod
     def backward(ctx, gy):
-        vals, x, crow, cols = ctx.saved_tensors
-        gx = None
-        if ctx.needs_input_grad[1]:
-            gx = (_csr(crow, cols, vals, ctx.shape).t() @ gy.t()).t()
+        vals, x = ctx.saved_tensors
+        pattern = ctx.pattern
+        gy_t = gy.t().contiguous()
+        gx = (pattern.transposed(vals) @ gy_t).t() if ctx.needs_input_grad[1] else None
         gv = None
         if ctx.needs_input_grad[0]:
-            pattern = _csr(crow, cols, torch.zeros_like(vals), ctx.shape)
-            gv = torch.sparse.sampled_addmm(pattern, gy.t().contiguous(), x.contiguous(), beta=0.0).values()
-        return gv, gx, None, None, None
+            gv = torch.sparse.sampled_addmm(pattern.matrix(torch.zeros_like(vals)), gy_t, x.contiguous(),
+                                            beta=0.0).values()
+        return gv, gx, None
 
 
-def _weights_hook(layer, adapter: str, rows: torch.Tensor, cols: torch.Tensor, crow: torch.Tensor,
-                  shape: tuple[int, int], module, args, output):
+def _weights_hook(layer, adapter: str, pattern: _Pattern, module, args, output):
     """Subtract the frozen entries' share of the LoRA update from the layer output (forward hook):
-    ``y -= x S^T`` with ``S`` the sparse ``[d_out, d_in]`` matrix of the update at the frozen entries (CSR of the
-    row-sorted ``mask.nonzero()`` entries; :class:`_FrozenShare`): ``O(nnz * tokens)``, no dense
-    ``d_out x d_in`` tensor and no ``[tokens, nnz]`` one."""
+    ``y -= x S^T`` with ``S`` the sparse ``[d_out, d_in]`` matrix of the update at the frozen entries
+    (:class:`_FrozenShare`): ``O(nnz * tokens)``, no dense ``d_out x d_in`` tensor and no ``[tokens, nnz]`` one."""
     if layer.disable_adapters or adapter not in layer.active_adapters or layer.merged:
         return output
     x = args[0]
-    vals = _masked_delta_values(layer, adapter, rows, cols)  # [nnz], fp32, carries the adapters' gradient
-    flat = x.reshape(-1, shape[1]).to(vals.dtype)
-    correction = _FrozenShare.apply(vals, flat, crow, cols, shape).reshape(*x.shape[:-1], shape[0])
+    vals = _masked_delta_values(layer, adapter, pattern.rows, pattern.cols)  # [nnz], fp32, carries the gradient
+    flat = x.reshape(-1, pattern.shape[1]).to(vals.dtype)
+    correction = _FrozenShare.apply(vals, flat, pattern).reshape(*x.shape[:-1], pattern.shape[0])
     return output - correction.to(output.dtype)
 
 
@@ -155,10 +174,8 @@ class Freezer:
             for name, mask in self.group.items():
                 layer = layers[name]
                 adapter = layer.active_adapters[0]
-                rows, cols = mask.nonzero(as_tuple=True)  # row-major: rows sorted, as CSR needs
-                rows, cols = rows.to(layer.lora_B[adapter].weight.device), cols.to(layer.lora_A[adapter].weight.device)
-                crow = torch._convert_indices_from_coo_to_csr(rows, mask.shape[0])
-                hook = functools.partial(_weights_hook, layer, adapter, rows, cols, crow, tuple(mask.shape))
+                pattern = _Pattern(mask, layer.lora_B[adapter].weight.device)
+                hook = functools.partial(_weights_hook, layer, adapter, pattern)
                 self.handles.append(layer.register_forward_hook(hook))
         elif self.mode == "rows":
             layers = _lora_layers(self.model)
