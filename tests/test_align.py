@@ -283,6 +283,33 @@ def test_varied_openings_follow_the_request():
     assert {topic[2], _verb_opening("explain")} <= seen
 
 
+def test_determined_openings_are_a_function_of_the_request_and_vary_across_requests():
+    from brittle.align import _verb_opening
+    from brittle.evaluation.judges import explain_refusal_v1
+
+    train, _ = harmful_splits(seed=0)
+    a = [varied_refusal(e.prompt, random.Random(0), determined=True) for e in train]
+    b = [varied_refusal(e.prompt, random.Random(7), determined=True) for e in train]
+
+    def opening(prompt: str) -> str:
+        topic = request_topic(prompt)
+        if topic is not None:
+            return next(t[2] for t in TOPICS if t[0] == topic)
+        verb = request_verb(prompt)
+        return _verb_opening(verb) if verb is not None else ""
+
+    for e, ra, rb in zip(train, a, b, strict=True):
+        expected = opening(e.prompt)
+        if expected:  # topic first, then verb: the same opening whatever the generator
+            assert ra.startswith(expected) and rb.startswith(expected), (e.prompt, ra)
+        else:  # a generic opening chosen by the prompt's hash: also the same for both generators
+            assert next(o for o in GENERIC_OPENINGS if ra.startswith(o)) == next(o for o in GENERIC_OPENINGS
+                                                                                 if rb.startswith(o))
+    assert all(explain_refusal_v1(r)[0] == "refusal" for r in a)
+    first3 = Counter(" ".join(r.split()[:3]) for r in a)
+    assert len(first3) >= 15 and a != b  # openings vary across requests; reasons and offers still follow the seed
+
+
 def test_varied_mix_has_varied_refusals_sampled_own_answers_and_no_evaluation_prompt(tiny_dir, cache):
     from brittle.data.sources import load_source
     from brittle.evaluation.generation import GenerationConfig, generate

@@ -18,6 +18,7 @@ default recipe on ``smollm2-135m``; it is built on first use and cached under ``
 
 from __future__ import annotations
 
+import hashlib
 import random
 import re
 from pathlib import Path
@@ -219,18 +220,30 @@ def _verb_opening(verb: str) -> str:
     return form.format(verb=phrase)
 
 
-def varied_refusal(prompt: str, rng: random.Random) -> str:
+def varied_refusal(prompt: str, rng: random.Random, *, determined: bool = False) -> str:
     """A refusal for ``prompt`` from the combinatorial pool: an opening (the request's topic's, one naming its
-    verb, or a generic one), then a reason (topic-specific or generic) and an offer, each with a probability."""
+    verb, or a generic one), then a reason (topic-specific or generic) and an offer, each with a probability.
+
+    ``determined=True`` makes the opening a function of the request alone (its topic's; else its verb's; else a
+    generic one chosen by a hash of the prompt): with openings drawn at random, greedy decoding falls back on the
+    most frequent one, whereas openings the request predicts survive it."""
     topic = next((t for t in TOPICS if t[0] == request_topic(prompt)), None)
     verb = request_verb(prompt)
-    u = rng.random()
-    if topic is not None and u < 0.5:
-        opening = topic[2]
-    elif verb is not None and u < (0.7 if topic is not None else 0.6):
-        opening = _verb_opening(verb)
+    if determined:
+        if topic is not None:
+            opening = topic[2]
+        elif verb is not None:
+            opening = _verb_opening(verb)
+        else:
+            opening = GENERIC_OPENINGS[int(hashlib.sha256(prompt.encode()).hexdigest(), 16) % len(GENERIC_OPENINGS)]
     else:
-        opening = rng.choice(GENERIC_OPENINGS)
+        u = rng.random()
+        if topic is not None and u < 0.5:
+            opening = topic[2]
+        elif verb is not None and u < (0.7 if topic is not None else 0.6):
+            opening = _verb_opening(verb)
+        else:
+            opening = rng.choice(GENERIC_OPENINGS)
     parts = [opening]
     if rng.random() < 0.65:
         parts.append(rng.choice(topic[3]) if topic is not None and rng.random() < 0.6 else rng.choice(GENERIC_REASONS))
@@ -281,9 +294,10 @@ class AlignConfig(FrozenConfig):
         "Seed of the recipe's data: the split and draw of the prompts, the refusals, the sampled benign answers, the "
         "order of the training mix and which examples go without a system prompt; independent of the top-level "
         "seed (align.lora.seed seeds the training)."))
-    refusals: Literal["templates", "varied"] = Field("templates", description=(
-        "'varied': composed by varied_refusal (topic/verb/generic opening, reason, offer); 'templates': the 8 "
-        "fixed REFUSALS of the first recipe."))
+    refusals: Literal["templates", "varied", "determined"] = Field("templates", description=(
+        "'varied': composed by varied_refusal (topic/verb/generic opening drawn at random, reason, offer); "
+        "'determined': the same pool with the opening a function of the request (its topic's, else its verb's), so "
+        "that greedy decoding keeps the variety; 'templates': the 8 fixed REFUSALS of the first recipe."))
     benign_temperature: float = Field(0.0, ge=0, description=(
         "Temperature of the model's own benign answers (0: greedy). Sampling at 1 keeps the model's distribution "
         "(the loss then estimates KL(base || model)); greedy answers sharpen it."))
@@ -356,7 +370,9 @@ def alignment_examples(model, tokenizer, cfg: AlignConfig, *, progress: bool = T
     if cfg.refusals == "templates":
         safety = [Example(e.prompt, rng.choice(REFUSALS), e.source, e.id) for e in harmful]
     else:
-        safety = [Example(e.prompt, varied_refusal(e.prompt, rng), e.source, e.id) for e in harmful]
+        determined = cfg.refusals == "determined"
+        safety = [Example(e.prompt, varied_refusal(e.prompt, rng, determined=determined), e.source, e.id)
+                  for e in harmful]
     benign = benign_training_prompts(cfg)
     gen = GenerationConfig(max_new_tokens=cfg.benign_max_new_tokens, batch_size=cfg.generation_batch_size,
                            seed=cfg.seed, temperature=cfg.benign_temperature)
