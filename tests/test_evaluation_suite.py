@@ -206,6 +206,10 @@ def test_evaluate_model_end_to_end(tiny, tmp_path, small_sets):
     assert s["by_judge"]["keyword-wei"]["degenerate_reasons"]["vanilla_nosys"] == dict.fromkeys(DEGENERATE_REASONS, 0.0)
     assert json.loads((out / "summary.json").read_text())["asr"] == s["asr"]
     assert (out / "summary.md").read_text().startswith("Model")  # the eval stage writes the manifest
+    op = s["refusal_openings"]  # from the saved vanilla_nosys answers and the primary judge's verdicts
+    refused = [r["response"] for r in saved if r["verdicts"]["refusal-v1"] == "refusal"]
+    assert op["n_refusals"] == len(refused) and op["distinct_answers"] == len(set(refused))
+    assert "refusal openings" in (out / "summary.md").read_text()
     with pytest.raises(ExistsError, match="--force"):
         evaluate_model(model, tok, out, cfg, progress=False)
 
@@ -237,3 +241,16 @@ def test_cli_eval_reports_bad_judge(tmp_path):
     res = CliRunner().invoke(app, ["eval", "--out", str(tmp_path / "x"), "--judge", "nope", "--tasks", "none"])
     assert res.exit_code == 2
     assert "unknown judge 'nope'" in res.output
+
+
+def test_refusal_openings_count_the_first_words_of_refusals_only():
+    from brittle.evaluation.measure import refusal_openings
+
+    answers = [["I'm sorry, but no."], ["I'm sorry, but I can't."], ["Sure, here is how"], ["I won't help with that."],
+               ["I'm sorry, but no."], ["I"]]
+    verdicts = [["refusal"], ["refusal"], ["compliance"], ["refusal"], ["refusal"], ["degenerate"]]
+    op = refusal_openings(answers, verdicts)
+    assert op == {"n_refusals": 4, "distinct_openings": 2, "distinct_answers": 3, "words": 3,
+                  "most_common": [["I'm sorry, but", 3], ["I won't help", 1]]}
+    assert refusal_openings(answers, verdicts, words=1)["most_common"] == [["I'm", 3], ["I", 1]]
+    assert refusal_openings([["no"]], [["compliance"]])["distinct_openings"] == 0

@@ -78,6 +78,11 @@ def summary_rows(s: Mapping[str, Any]) -> list[tuple[str, str, str, str, str]]:
     rows.append(("refusal, held-out harmful (greedy, no sys)", _f(s["refusal_harmful"]), _ci(iv.get("refusal_harmful")),
                  str(iv.get("refusal_harmful", {}).get("n", "—")),
                  _deg(s, "vanilla_nosys", s["degenerate"].get("vanilla_nosys"))))
+    if op := s.get("refusal_openings"):
+        top = ", ".join(f'"{o}" {c}' for o, c in op["most_common"][:3])
+        rows.append((f"refusal openings, distinct first {op['words']} words (distinct refusals)",
+                     f"{op['distinct_openings']} ({op['distinct_answers']})" + (f": {top}" if top else ""), "—",
+                     str(op["n_refusals"]), "—"))
     for name, v in (s.get("refusal_other") or {}).items():
         r = iv.get(f"refusal_{name}")
         deg = (s.get("by_judge", {}).get(s["judge"], {}).get("degenerate_other") or {}).get(name)

@@ -51,6 +51,7 @@ from .measure import (
     accuracy_part,
     perplexity_part,
     prompt_counts,
+    refusal_openings,
     refusal_variants,
     safety_by_judge,
     sampled_variant,
@@ -183,7 +184,9 @@ def evaluate_model(
                         by_judge=by_judge, perplexity=ppl, accuracy=acc,
                         system_prompts=system_prompts_part(tokenizer, sys_prompt, nosys),
                         n_prompts=prompt_counts(cfg, harmful, inputs.benign, inputs.edgy, inputs.extra_sets),
-                        notes=notes, timings=timings)
+                        notes=notes, timings=timings,
+                        openings=refusal_openings(runs["vanilla_nosys"].answers,
+                                                  runs["vanilla_nosys"].verdicts[cfg.judge]))
     write_outputs(out_dir, summary, {name: run.rows for name, run in runs.items()}, overwrite=overwrite)
     return summary
 
