@@ -6,8 +6,12 @@ examples between the processes (process ``r`` of ``w`` takes examples ``r, r + w
 fp32 accumulators over all processes before ``|W|`` is multiplied in (``all_reduce``), so every process ends with
 the scores of all examples: the same as one process up to fp32 summation order. Process 0 alone writes a stage's
 folder and manifest; the others compute into a private folder that is removed, wait for process 0 and read its
-record. Stages without a collective operation (data, evaluation, ...) are therefore computed by every process;
-only the scores stage is split today. Several nodes need a run directory on a file system all of them see.
+record. Fine-tuning is data parallel (:mod:`brittle.finetune.train`: each process takes its share of every
+micro-batch, gradients summed before each optimiser step). Generation (:func:`brittle.evaluation.generation.generate`:
+the data stage's own answers, every evaluation's answers) is split by whole batches, each seeded as in one process,
+and gathered: the answers of one process. Other work (perplexity, zero-shot accuracy, statistics) is repeated by
+every process. Several nodes need a run directory on a file system all of them
+see.
 """
 
 from __future__ import annotations
@@ -71,10 +75,19 @@ def sum_across(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def gather(obj):
+    """Every process's ``obj``, in process order (``[obj]`` in a single process): ``all_gather_object``."""
+    if not active():
+        return [obj]
+    out = [None] * world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
 def shard(items: list) -> list:
     """This process's share of ``items``: every ``world_size``-th item from index ``rank`` (strided, so that
     items sorted by length give every process a similar load)."""
     return items[rank()::world_size()] if active() else items
 
 
-__all__ = ["init_from_env", "active", "rank", "world_size", "is_main", "barrier", "sum_across", "shard"]
+__all__ = ["init_from_env", "active", "rank", "world_size", "is_main", "barrier", "sum_across", "gather", "shard"]

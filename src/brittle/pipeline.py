@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import distributed
 from .config import ExperimentConfig
 from .data.core import DataError
 from .io import BrittleError, sha256_file, sha256_json, write_json
@@ -113,7 +114,9 @@ def data_stage(ctx: RunContext, cfg: ExperimentConfig) -> StageResult:
                              "n": len(examples), **counts}
         return outputs
 
-    return run_stage(ctx, "data", ctx.out / "data", {"seed": cfg.seed, **data.to_dict()}, inputs, produce)
+    # shared: the model's own answers are the same in every run directory with these settings (minutes to generate)
+    return run_stage(ctx, "data", ctx.out / "data", {"seed": cfg.seed, **data.to_dict()}, inputs, produce,
+                     shared=bool(built))
 
 
 def scores_stage(ctx: RunContext, cfg: ExperimentConfig, set_name: str) -> StageResult:
@@ -433,7 +436,7 @@ def _finetune_job(ctx: RunContext, cfg: ExperimentConfig, name: str, ft) -> Stag
     checkpoints = ctx.out / "checkpoints" / "finetune" / name if name else ctx.out / "checkpoints" / "finetune"
     folder = ctx.out / "finetune" / name if name else ctx.out / "finetune"
     tag = f"[finetune{':' + name if name else ''}]"
-    if ctx.force and checkpoints.exists():
+    if ctx.force and checkpoints.exists() and distributed.is_main():
         shutil.rmtree(checkpoints)  # --force: start over rather than resume another setup's training
 
     before_key = evaluation_key(fingerprint, eval_cfg)
@@ -447,7 +450,9 @@ def _finetune_job(ctx: RunContext, cfg: ExperimentConfig, name: str, ft) -> Stag
                                eval_config=eval_cfg, progress=ctx.progress, log=ctx.log,
                                before_from=ctx.evaluations.get(before_key))
         del work
-        shutil.rmtree(checkpoints, ignore_errors=True)
+        distributed.barrier()  # every process has finished with the checkpoints
+        if distributed.is_main():
+            shutil.rmtree(checkpoints, ignore_errors=True)
         for when, figures in outputs.get("evaluation", {}).items():
             ctx.log(f"{tag} {when}: " + ", ".join(f"{k} {v:.3g}" for k, v in figures.items()
                                                       if k in ("refusal", "asr", "perplexity", "accuracy_mean")
@@ -698,8 +703,6 @@ def eval_stage(ctx: RunContext, cfg: ExperimentConfig) -> StageResult:
 
 def run_experiment(cfg: ExperimentConfig, ctx: RunContext) -> dict[str, StageResult]:
     """Run (or resume) the config's stages in order; returns the results by stage name."""
-    from . import distributed
-
     t0 = time.perf_counter()
     ctx.out.mkdir(parents=True, exist_ok=True)
     if distributed.is_main():  # one writer in a multi-process run

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..data.core import render_prompt
 
 
@@ -43,7 +44,8 @@ def generate(
     Prompts are rendered with the chat template (``suffix`` is appended to the user turn, e.g. an
     adversarial suffix), batched with left padding, decoded without special tokens. Sampling is
     seeded per batch from ``config.seed`` so results do not depend on the batch schedule of other runs
-    with the same settings.
+    with the same settings. Several processes (:mod:`brittle.distributed`) take whole batches each (batch ``b`` on
+    process ``b mod w``, seeded as in one process) and every process returns all the answers.
     """
     if config.num_samples < 1:
         raise ValueError("num_samples must be >= 1")
@@ -53,10 +55,13 @@ def generate(
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     device = next(model.parameters()).device
-    out: list[list[str]] = []
+    starts = list(range(0, len(texts), config.batch_size))
+    mine = distributed.shard(starts)  # several processes: whole batches each, seeded as in one process
+    answers: dict[int, list[list[str]]] = {}
     try:
-        bar = tqdm(total=len(texts), desc=desc, disable=not progress, unit="prompt")
-        for start in range(0, len(texts), config.batch_size):
+        bar = tqdm(total=sum(len(texts[s : s + config.batch_size]) for s in mine), desc=desc,
+                   disable=not progress or not distributed.is_main(), unit="prompt")
+        for start in mine:
             chunk = texts[start : start + config.batch_size]
             enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             kwargs = dict(max_new_tokens=config.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
@@ -70,9 +75,11 @@ def generate(
             new = gen[:, enc["input_ids"].shape[1]:]
             decoded = tokenizer.batch_decode(new, skip_special_tokens=True)
             k = config.num_samples
-            out.extend([d.strip() for d in decoded[i * k : (i + 1) * k]] for i in range(len(chunk)))
+            answers[start] = [[d.strip() for d in decoded[i * k : (i + 1) * k]] for i in range(len(chunk))]
             bar.update(len(chunk))
         bar.close()
     finally:
         tokenizer.padding_side = old_side
-    return out
+    for part in distributed.gather(answers) if distributed.active() else []:
+        answers.update(part)
+    return [a for start in starts for a in answers[start]]

@@ -14,6 +14,14 @@ exactly when every micro-batch has the same number of response tokens. The gradi
 
 Training is deterministic for a given seed on a given device (shuffling by ``random.Random(seed)``, LoRA init by
 ``torch.manual_seed``); a run resumed from a checkpoint repeats the uninterrupted run's floats on CPU.
+
+Several processes (:mod:`brittle.distributed`, e.g. ``torchrun`` / ``accelerate launch``) train one model data-
+parallel, like DDP: each process holds the whole model, takes its share of every micro-batch (examples ``r, r + w,
+...``), computes the *sum* of its token losses divided by the number of response tokens of the whole micro-batch
+(so the shares add up to ``L_k``), and the gradients are summed over the processes before each optimiser step. Every
+process then applies the same update to the same weights: the result is one process's up to fp32 summation order,
+with the same freezing (every mechanism acts per process on identical weights) and the same drift. Process 0
+alone writes checkpoints; every process resumes from them.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import torch
 from pydantic import Field
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..data.core import Example, encode, pad_batch
 from ..io import BrittleError, FrozenConfig, sha256_json
 from ..models import decoder_layers, linear_modules
@@ -204,13 +213,18 @@ def train_lora(
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if folder is not None:
         fingerprint = _fingerprint(cfg, full, freeze, freeze_mode, encoded, state)
-        latest = _prepare_checkpoint_dir(folder)
+        latest = _prepare_checkpoint_dir(folder) if distributed.is_main() else None
+        distributed.barrier()  # process 0 has removed unfinished writes; every process resumes from the same one
+        if not distributed.is_main():
+            found = _complete_checkpoints(folder)
+            latest = found[-1] if found else None
         if latest is not None:
             _load_checkpoint(latest, fingerprint, params, opt, sched, loop, state, device)
             log.warning("resuming fine-tuning from %s (step %d of %d)", latest, loop["step"], total)
     hist = loop["hist"]
     t0, seconds_before = time.perf_counter(), hist.seconds
-    bar = tqdm(total=total, initial=loop["step"], desc="fine-tune", disable=not progress, unit="step")
+    bar = tqdm(total=total, initial=loop["step"], desc="fine-tune", disable=not progress or not distributed.is_main(),
+               unit="step")
     try:
         while loop["step"] < total:
             if loop["position"] >= len(loop["order"]):  # a new epoch
@@ -222,15 +236,16 @@ def train_lora(
             micro = [chunk[i : i + cfg.batch_size] for i in range(0, len(chunk), cfg.batch_size)]
             step, lr, losses = loop["step"] + 1, opt.param_groups[0]["lr"], []
             for k, idx in enumerate(micro):
-                batch = pad_batch([encoded[i] for i in idx], tokenizer.pad_token_id)
-                loss = peft_model(**{key: v.to(device) for key, v in batch.items()}).loss
-                losses.append(float(loss.detach()))
+                loss = _micro_batch_loss(peft_model, [encoded[i] for i in idx], tokenizer.pad_token_id, device)
+                losses.append(float(distributed.sum_across(loss.detach().clone())))
                 if not math.isfinite(losses[-1]):  # before backward: nothing of the bad state reaches the weights
                     kept = _complete_checkpoints(folder)[-1:] if folder is not None else []
                     raise BrittleError(f"the loss is {losses[-1]} at step {step} (micro-batch {k + 1} of "
                                        f"{len(micro)}); training stopped"
                                        + (f", last good checkpoint: {kept[0]}" if kept else ""))
-                (loss / len(micro)).backward()  # the gradient of the mean over micro-batches (/1 is exact)
+                if loss.requires_grad:  # not when this process's share of the micro-batch is empty
+                    (loss / len(micro)).backward()  # the gradient of the mean over micro-batches (/1 is exact)
+            _sum_gradients(params.values())
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
@@ -249,12 +264,48 @@ def train_lora(
             due = step == total or (checkpoint_every is not None and step % checkpoint_every == 0)
             if folder is not None and due:
                 hist.seconds = seconds_before + time.perf_counter() - t0
-                _save_checkpoint(folder, fingerprint, params, opt, sched, loop, state, device)
+                if distributed.is_main():
+                    _save_checkpoint(folder, fingerprint, params, opt, sched, loop, state, device)
+                distributed.barrier()
     finally:
         bar.close()
     hist.seconds = seconds_before + time.perf_counter() - t0
     peft_model.eval()
     return peft_model, hist
+
+
+def _micro_batch_loss(model, items: list[dict[str, torch.Tensor]], pad_id: int, device) -> torch.Tensor:
+    """``L_k`` of one micro-batch: Hugging Face's causal-LM loss (mean over its response tokens). With several
+    processes, this process's share of it: the sum of the token losses of its examples over the response tokens of
+    the whole micro-batch (counted after the one-token shift the loss applies), so that the shares sum to ``L_k``;
+    an empty share is a zero without gradient."""
+    if not distributed.active():
+        batch = pad_batch(items, pad_id)
+        return model(**{key: v.to(device) for key, v in batch.items()}).loss
+    n_tokens = int((pad_batch(items, pad_id)["labels"][:, 1:] != -100).sum())
+    mine = distributed.shard(items)
+    if not mine:
+        return torch.zeros((), device=device)
+    batch = pad_batch(mine, pad_id)
+    return model(**{key: v.to(device) for key, v in batch.items()}, num_items_in_batch=n_tokens).loss
+
+
+def _sum_gradients(params) -> None:
+    """Sum the gradients over the processes (one flat all-reduce; a parameter without a gradient counts as zeros);
+    nothing in a single process."""
+    if not distributed.active():
+        return
+    by_kind: dict[tuple, list[torch.Tensor]] = {}
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        by_kind.setdefault((p.grad.dtype, p.grad.device), []).append(p)
+    for group in by_kind.values():  # one buffer per dtype and device (full fine-tuning of a bf16 model: bf16)
+        flat = distributed.sum_across(torch.cat([p.grad.reshape(-1) for p in group]))
+        offset = 0
+        for p in group:
+            p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
+            offset += p.numel()
 
 
 # --------------------------------------------------------------------------------------------------
