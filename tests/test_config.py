@@ -110,6 +110,8 @@ def test_every_shipped_config_loads_with_its_analyses(name):
         assert {"ablation", "overlap", "stats", "report"} <= set(cfg.stages) and set(jobs) == {"frozen", "free"}
         assert jobs["frozen"].merge and jobs["free"].freeze is None
         assert (cfg.overlap.finetune, cfg.stats.finetune) == ("frozen", "free")
+        # the ablation's unchanged model is the fine-tunings' "before" only when both evaluate alike
+        assert all(j.eval == cfg.ablation.eval for j in jobs.values())
     if name == "attack":  # section 4.4: 10/50/100 pairs x (nothing, set difference, top safety) frozen, 5 epochs
         jobs = cfg.finetune.jobs()
         assert {(j.n_examples, j.freeze) for j in jobs.values()} == {
