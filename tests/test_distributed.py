@@ -126,6 +126,20 @@ def test_two_gloo_processes_fine_tune_like_one_with_the_frozen_entries_unchanged
     assert steps == ["step-2", "step-3"]  # written once, by process 0, complete
 
 
+def _one_and_two_processes(args: list[str], tmp_path) -> subprocess.CompletedProcess:
+    """`python -m brittle ARGS --out tmp/one`, then the same under `torchrun --nproc_per_node 2` into tmp/two (one
+    thread each); both must succeed. Returns the two-process run (its output)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, "-m", "brittle", *args, "--out", str(tmp_path / "one")], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr
+    multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                            "-m", "brittle", *args, "--out", str(tmp_path / "two")], env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert multi.returncode == 0, multi.stdout + multi.stderr
+    return multi
+
+
 def test_torchrun_brittle_score_writes_one_folder_with_the_single_process_scores(smol_tokenizer, tmp_path):
     """`torchrun --nproc_per_node 2 -m brittle score`: one stage folder and manifest (process 0's), no leftovers
     of process 1, the scores of a single-process run (to fp32 summation order), and logs printed once."""
@@ -135,14 +149,7 @@ def test_torchrun_brittle_score_writes_one_folder_with_the_single_process_scores
     model = json.loads(sets[0].split("=", 1)[1])
     data = json.loads(sets[1].split("=", 1)[1])
     base = ["score", "--model", model, "--data", data, "--nsamples", "5", "--batch-size", "2", "--max-length", "64"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    single = subprocess.run([sys.executable, "-m", "brittle", *base, "--out", str(tmp_path / "one")], env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert single.returncode == 0, single.stderr
-    multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                            "-m", "brittle", *base, "--out", str(tmp_path / "two")], env=env,
-                           capture_output=True, text=True, timeout=300)
-    assert multi.returncode == 0, multi.stdout + multi.stderr
+    multi = _one_and_two_processes(base, tmp_path)
     assert multi.stdout.count("scores: ") == 1  # process 0 alone reports
     folder = tmp_path / "two" / "scores" / "safety-snip"
     leftovers = sorted(p.name for p in folder.parent.iterdir())
@@ -176,14 +183,7 @@ def test_torchrun_brittle_finetune_trains_once_with_the_group_frozen_and_drift_t
     base = ["finetune", "--model", model, "--data", data, "--freeze", str(tmp_path / "group.safetensors"),
             "--track", str(tmp_path / "group.safetensors"), "--drift-every", "1", "--max-steps", "3", "--batch-size",
             "3", "--lr", "0.01", "--checkpoint-every", "2", "--no-eval", "--merge", "--max-length", "64"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    single = subprocess.run([sys.executable, "-m", "brittle", *base, "--out", str(tmp_path / "one")], env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert single.returncode == 0, single.stderr
-    multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                            "-m", "brittle", *base, "--out", str(tmp_path / "two")], env=env,
-                           capture_output=True, text=True, timeout=300)
-    assert multi.returncode == 0, multi.stdout + multi.stderr
+    multi = _one_and_two_processes(base, tmp_path)
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
     assert not (tmp_path / "two" / "checkpoints" / "finetune").exists()
     assert sorted(p.name for p in (tmp_path / "two").glob("finetune*")) == ["finetune"]
