@@ -2,7 +2,7 @@
 
 Times forward + backward of one batch through a LoRA model (r 8, every linear module) without freezing and with a
 random group of ``--share`` of each module's entries frozen (the demo's set difference holds 0.34 %), in one
-process, alternating, and prints both and their ratio. Then the frozen entries' sparse product alone, per module.
+process, alternating, and prints both and their ratio.
 
     python benchmarks/bench_freeze.py [--model smollm2-135m-safe] [--share 0.0034] [--batch 4] [--tokens 160]
 """

@@ -112,8 +112,10 @@ class _FrozenShare(torch.autograd.Function):
     """``y = x S^T`` for the sparse ``S`` (values ``vals`` at the entries of ``pattern``, ``[d_out, d_in]``) and
     its gradients: ``dx = dy S`` and ``dvals_k = sum_t dy[t, i_k] x[t, j_k]``, a sampled dense product
     (``torch.sparse.sampled_addmm``) that never forms ``dy^T x``. Every product is CSR x contiguous dense
-    (``S x^T``, ``S^T dy^T`` with the CSR of ``S^T`` precomputed): on a CPU, a CSR product with a transposed
-    (strided) dense operand or a transposed CSR matrix was 4-20x slower (benchmarks/bench_freeze.py)."""
+    (``S x^T``, ``S^T dy^T`` with the CSR of ``S^T`` precomputed): on a CPU (one thread, a 576 x 1536 module with
+    3,000 frozen entries, 640 tokens) ``S @ x^T`` took 1.0 ms with ``x^T`` strided and 0.26 ms contiguous, and
+    ``S^T @ dy^T`` 5.2 ms through a transposed CSR against 0.4 ms with the CSR of ``S^T``; a whole LoRA step of the
+    organism with 2.9 % of its entries frozen costs 1.47x an unfrozen one, 1.60x before (benchmarks/bench_freeze.py)."""
 
     @staticmethod
     def forward(ctx, vals, x, pattern):
