@@ -264,6 +264,7 @@ def train_lora(
             due = step == total or (checkpoint_every is not None and step % checkpoint_every == 0)
             if folder is not None and due:
                 hist.seconds = seconds_before + time.perf_counter() - t0
+                _check_finite(params, step)  # on every process (same weights): none waits for a writer that stopped
                 if distributed.is_main():
                     _save_checkpoint(folder, fingerprint, params, opt, sched, loop, state, device)
                 distributed.barrier()
@@ -356,6 +357,13 @@ def _prepare_checkpoint_dir(folder: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def _check_finite(params: Mapping[str, torch.Tensor], step: int) -> None:
+    bad = [n for n, p in params.items() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise BrittleError(f"non-finite weights after step {step} (e.g. {bad[0]}); training stopped, no checkpoint "
+                           f"written of them")
+
+
 def _save_checkpoint(folder: Path, fingerprint, params, opt, sched, loop, state, device) -> Path:
     """Write ``step-N`` (N = ``loop["step"]``) and drop all but the last :data:`KEEP_CHECKPOINTS`. It holds
     ``trainable.safetensors`` (the trainable parameters as trained: LoRA factors in fp32, or every parameter),
@@ -364,11 +372,7 @@ def _save_checkpoint(folder: Path, fingerprint, params, opt, sched, loop, state,
     order and the position in it, the history so far, the setup fingerprint)."""
     from safetensors.torch import save_file
 
-    step = loop["step"]
-    bad = [n for n, p in params.items() if not bool(torch.isfinite(p).all())]
-    if bad:
-        raise BrittleError(f"non-finite weights after step {step} (e.g. {bad[0]}); training stopped, no checkpoint "
-                           f"written of them")
+    step = loop["step"]  # the weights were checked finite by the caller
     final, tmp = folder / f"step-{step}", folder / f"step-{step}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
