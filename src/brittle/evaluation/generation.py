@@ -80,6 +80,6 @@ def generate(
         bar.close()
     finally:
         tokenizer.padding_side = old_side
-    for part in distributed.gather(answers) if distributed.active() else []:
+    for part in distributed.gather(answers):  # the other processes' batches (in one process: its own)
         answers.update(part)
     return [a for start in starts for a in answers[start]]

@@ -44,7 +44,7 @@ from pydantic import Field
 from tqdm.auto import tqdm
 
 from .. import distributed
-from ..data.core import Example, encode, pad_batch
+from ..data.core import IGNORE_INDEX, Example, encode, pad_batch
 from ..io import BrittleError, FrozenConfig, sha256_json
 from ..models import decoder_layers, linear_modules
 
@@ -283,7 +283,7 @@ def _micro_batch_loss(model, items: list[dict[str, torch.Tensor]], pad_id: int, 
     if not distributed.active():
         batch = pad_batch(items, pad_id)
         return model(**{key: v.to(device) for key, v in batch.items()}).loss
-    n_tokens = int((pad_batch(items, pad_id)["labels"][:, 1:] != -100).sum())
+    n_tokens = sum(int((it["labels"][1:] != IGNORE_INDEX).sum()) for it in items)  # padding adds only ignored labels
     mine = distributed.shard(items)
     if not mine:
         return torch.zeros((), device=device)
