@@ -249,3 +249,52 @@ def test_non_finite_loss_stops_naming_step_and_micro_batch_and_keeps_the_last_go
     with pytest.raises(BrittleError, match=r"the loss is (nan|inf) at step 2 \(micro-batch 1 of 2\)"):
         train_lora(tiny_model("llama", vocab_size=len(smol_tokenizer)), smol_tokenizer, EXAMPLES,
                    cfg.model_copy(update={"lr": 1e30}), progress=False, checkpoint_dir=huge, checkpoint_every=1)
+
+
+def test_distilled_examples_are_trained_towards_the_model_before_training(smol_tokenizer):
+    """The distilled loss equals a brute-force KL(p_0 || p) (from an untouched copy of the base model) on flagged
+    rows and the cross-entropy on the others, summed over response tokens; it would catch a distillation that
+    ignores the flags, compares the model with itself (adapters left on: KL 0) or uses the reverse KL."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from brittle.data.core import pad_batch
+    from brittle.finetune.train import _distilled_loss, make_lora_model
+
+    base = tiny_model("llama", vocab_size=len(smol_tokenizer), initializer_range=0.2)
+    reference = copy.deepcopy(base).eval()
+    peft_model = make_lora_model(base, LoraTrainConfig(r=4, alpha=8)).eval()
+    torch.manual_seed(1)
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.5)  # a trained adapter: the model now differs from the base
+    batch = pad_batch([encode(smol_tokenizer, e, 64) for e in EXAMPLES[:3]], smol_tokenizer.pad_token_id)
+    flags = torch.tensor([True, False, True])
+    got = _distilled_loss(peft_model, dict(batch), flags)
+    with torch.no_grad():
+        logp = torch.log_softmax(peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                                 .logits[:, :-1].double(), -1)
+        logp0 = torch.log_softmax(reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                                  .logits[:, :-1].double(), -1)
+    labels = batch["labels"][:, 1:]
+    want = 0.0
+    for row in range(3):
+        for t in (labels[row] != IGNORE_INDEX).nonzero().flatten().tolist():
+            if flags[row]:
+                want += float((logp0[row, t].exp() * (logp0[row, t] - logp[row, t])).sum())
+            else:
+                want += float(F.nll_loss(logp[row, t][None], labels[row, t][None]))
+    assert want > 1.0 and got.item() == pytest.approx(want, rel=1e-4)
+    # trained on flagged examples only, the model starts at the base (LoRA B = 0): the first loss is 0 and the
+    # later ones stay near it (AdamW turns the rounding noise of a zero gradient into lr-sized steps), where the
+    # cross-entropy of the same examples is ~ log(vocabulary)
+    cfg = LoraTrainConfig(r=2, alpha=4, lr=1e-2, batch_size=4, max_steps=3)
+    _, hist = train_lora(tiny_model("llama", vocab_size=len(smol_tokenizer)), smol_tokenizer, EXAMPLES, cfg,
+                         progress=False, distill=[True] * len(EXAMPLES))
+    _, plain = train_lora(tiny_model("llama", vocab_size=len(smol_tokenizer)), smol_tokenizer, EXAMPLES, cfg,
+                          progress=False, distill=[False] * len(EXAMPLES))
+    assert hist.loss[0] == 0 and max(abs(x) for x in hist.loss) < 1e-3 and min(plain.loss) > 5
+    with pytest.raises(BrittleError, match="2 distillation flags for 8 examples"):
+        train_lora(tiny_model("llama", vocab_size=len(smol_tokenizer)), smol_tokenizer, EXAMPLES, cfg,
+                   progress=False, distill=[True, False])

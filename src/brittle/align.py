@@ -268,7 +268,7 @@ VARIED_RECIPE: dict[str, object] = {"n_harmful": 200, "n_benign": 320, "lora": {
                                     "benign_temperature": 1.0, "benign_sources": ("olmo-questions",),
                                     "filter_benign": True}
 LEGACY: dict[str, object] = {"refusals": "templates", "benign_temperature": 0.0, "benign_sources": (),
-                             "filter_benign": False}
+                             "filter_benign": False, "benign_loss": "answer"}
 
 
 class AlignConfig(FrozenConfig):
@@ -307,6 +307,10 @@ class AlignConfig(FrozenConfig):
         "excluded."))
     filter_benign: bool = Field(False, description=(
         "Drop own answers that the refusal-v1 judge calls a refusal or degenerate (empty, looping, garbled)."))
+    benign_loss: Literal["answer", "kl"] = Field("answer", description=(
+        "'answer': cross-entropy on the own answer's tokens; 'kl': at the own answer's positions, the KL divergence "
+        "from the base model (the adapters switched off) to the trained one over the whole vocabulary "
+        "(train_lora's distill): the base's whole distribution is kept, not one sample of it."))
 
     @field_validator("benign_sources")
     @classmethod
@@ -403,13 +407,15 @@ def align_model(model, tokenizer, cfg: AlignConfig, out_dir: str | Path, *, prog
     rng = random.Random(cfg.seed + 1)
     nosys = no_system_prompt(tokenizer)
     system_prompts = [nosys if rng.random() < cfg.no_system_prompt_share else None for _ in data]
-    peft_model, hist = train_lora(model, tokenizer, data, cfg.lora, progress=progress, system_prompts=system_prompts)
+    harmful_ids = {e.id for e in harmful_splits(seed=cfg.seed)[0]}
+    distill = [e.id not in harmful_ids for e in data] if cfg.benign_loss == "kl" else None
+    peft_model, hist = train_lora(model, tokenizer, data, cfg.lora, progress=progress, system_prompts=system_prompts,
+                                  distill=distill)
     merged = merge_lora(peft_model)
     merged.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     save_jsonl(out_dir / "alignment_data.jsonl", data)
     write_json(out_dir / "train_history.json", hist.to_dict())
-    harmful_ids = {e.id for e in harmful_splits(seed=cfg.seed)[0]}
     n_refusals = sum(e.id in harmful_ids for e in data)
     counts = {"harmful_refusal": n_refusals,
               "benign_own_answer": len(data) - n_refusals,

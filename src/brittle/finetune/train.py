@@ -138,6 +138,7 @@ def train_lora(
     progress: bool = True,
     on_step: Callable[[int, float, object], None] | None = None,
     system_prompts: Sequence[str | None] | None = None,
+    distill: Sequence[bool] | None = None,
     full: bool = False,
     freeze: Mapping[str, torch.Tensor] | None = None,
     freeze_mode: str = "weights",
@@ -172,6 +173,11 @@ def train_lora(
         raise BrittleError("cannot fine-tune on an empty dataset")
     if system_prompts is not None and len(system_prompts) != len(examples):
         raise BrittleError(f"{len(system_prompts)} system prompts for {len(examples)} examples")
+    if distill is not None and len(distill) != len(examples):
+        raise BrittleError(f"{len(distill)} distillation flags for {len(examples)} examples")
+    if distill is not None and full and any(distill):
+        raise BrittleError("distillation towards the model before training needs LoRA (its adapters are switched "
+                           "off for the reference); full fine-tuning has no such model")
     if checkpoint_every is not None and (checkpoint_dir is None or checkpoint_every < 1):
         raise BrittleError(f"checkpoint_every={checkpoint_every} needs a checkpoint_dir and a value >= 1")
     sys_for = system_prompts or [None] * len(examples)
@@ -179,6 +185,9 @@ def train_lora(
     empty = [e.id for e, x in zip(examples, encoded, strict=True) if int((x["labels"] != -100).sum()) == 0]
     if empty:
         raise BrittleError(f"{len(empty)} examples have no response tokens after truncation to {cfg.max_length} (e.g. {empty[0]})")
+    if distill is not None and any(distill):
+        for x, flag in zip(encoded, distill, strict=True):
+            x["distill"] = torch.tensor(bool(flag))
     freezer = None
     if full:
         peft_model = model
@@ -276,19 +285,36 @@ def train_lora(
 
 
 def _micro_batch_loss(model, items: list[dict[str, torch.Tensor]], pad_id: int, device) -> torch.Tensor:
-    """``L_k`` of one micro-batch: Hugging Face's causal-LM loss (mean over its response tokens). With several
-    processes, this process's share of it: the sum of the token losses of its examples over the response tokens of
-    the whole micro-batch (counted after the one-token shift the loss applies), so that the shares sum to ``L_k``;
-    an empty share is a zero without gradient."""
-    if not distributed.active():
-        batch = pad_batch(items, pad_id)
-        return model(**{key: v.to(device) for key, v in batch.items()}).loss
+    """``L_k`` of one micro-batch: Hugging Face's causal-LM loss (mean over its response tokens), or with examples
+    to distil (:func:`_distilled_loss`) their KL terms in place of their cross-entropies. With several processes,
+    this process's share of it: the sum of the token losses of its examples over the response tokens of the whole
+    micro-batch (counted after the one-token shift the loss applies), so that the shares sum to ``L_k``; an empty
+    share is a zero without gradient."""
     n_tokens = sum(int((it["labels"][1:] != IGNORE_INDEX).sum()) for it in items)  # padding adds only ignored labels
-    mine = distributed.shard(items)
+    mine = distributed.shard(items) if distributed.active() else items
     if not mine:
         return torch.zeros((), device=device)
-    batch = pad_batch(mine, pad_id)
-    return model(**{key: v.to(device) for key, v in batch.items()}, num_items_in_batch=n_tokens).loss
+    batch = {key: v.to(device) for key, v in pad_batch(mine, pad_id).items()}
+    if any(bool(it.get("distill", False)) for it in mine):
+        flags = torch.stack([it.get("distill", torch.tensor(False)) for it in mine]).to(device)
+        return _distilled_loss(model, batch, flags) / n_tokens
+    if not distributed.active():
+        return model(**batch).loss
+    return model(**batch, num_items_in_batch=n_tokens).loss
+
+
+def _distilled_loss(model, batch: dict[str, torch.Tensor], flags: torch.Tensor) -> torch.Tensor:
+    """The sum over response tokens of the token loss: ``-log p(y_t)`` for rows with ``flags`` False and
+    ``KL(p_0 || p)`` at the same positions for rows with ``flags`` True, ``p_0`` the model with its adapters off."""
+    labels = batch.pop("labels")[:, 1:]
+    logp = torch.log_softmax(model(**batch).logits[:, :-1].float(), dim=-1)
+    keep = labels != IGNORE_INDEX
+    ce = -logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    with torch.no_grad(), model.disable_adapter():
+        logp0 = torch.log_softmax(model(**{k: v[flags] for k, v in batch.items()}).logits[:, :-1].float(), dim=-1)
+    kl = torch.zeros_like(ce)
+    kl[flags] = (logp0.exp() * (logp0 - logp[flags])).sum(-1)
+    return torch.where(flags[:, None], kl, ce)[keep].sum()
 
 
 def _sum_gradients(params) -> None:
@@ -324,7 +350,8 @@ def _fingerprint(cfg, full, freeze, freeze_mode, encoded, state) -> dict[str, An
             h.update(f"{name}:{list(freeze[name].shape)};".encode())
             h.update(freeze[name].cpu().numpy().tobytes())
         group = h.hexdigest()
-    tokens = [[x["input_ids"].tolist(), x["labels"].tolist()] for x in encoded]
+    tokens = [[x["input_ids"].tolist(), x["labels"].tolist()] + ([bool(x["distill"])] if "distill" in x else [])
+              for x in encoded]
     fp = {"config": cfg.to_dict(), "full": full, "freeze_mode": freeze_mode if freeze is not None else None,
           "freeze_group_sha256": group, "n_examples": len(encoded), "examples_sha256": sha256_json(tokens),
           "state": sorted(state)}
