@@ -70,6 +70,40 @@ def test_estimate_parts_and_plans():
     assert "device-map auto" in plan_scoring(est, 80 * GiB, big.accumulator_bytes("snip")).describe()
 
 
+def test_host_accumulators_are_chosen_when_cheaper_than_the_extra_passes():
+    """13B bf16 SNIP (47 GiB of fp32 accumulators) needs 2 passes on an 80 GB GPU and 22 on a 48 GB one; with the
+    accumulators in host memory it is one pass whose cost per batch is moving them there. The plan compares
+    (n - 1) pass times with that move."""
+    shape = ModelShape.of(LlamaConfig(**PUBLIC["llama2-13b"][0]))
+    est = estimate_scoring(shape, dtype="bfloat16", method="snip", batch_size=4, max_length=512, fused=True)
+    sizes = shape.accumulator_bytes("snip")
+    acc = sum(sizes)
+    rates = dict(host_bytes=256 * GiB, pass_seconds_per_batch=1.5, host_bytes_per_second=25e9)  # move: ~2 s
+    small_gpu = plan_scoring(est, 48 * GiB, sizes)
+    assert small_gpu.placement == "passes" and small_gpu.n_passes > 10 and small_gpu.seconds_per_batch is None
+    host = plan_scoring(est, 48 * GiB, sizes, **rates)
+    assert host.placement == "host" and host.max_accumulator_bytes is None
+    assert host.seconds_per_batch == {"passes": (small_gpu.n_passes - 1) * 1.5, "host": acc / 25e9}
+    assert "CPU memory" in host.describe() and f"{small_gpu.n_passes} passes" in host.describe()
+    # one extra pass (1.5 s) is cheaper than the move (~2 s): passes
+    big_gpu = plan_scoring(est, 80 * GiB, sizes, **rates)
+    assert big_gpu.placement == "passes" and big_gpu.n_passes == 2 and big_gpu.seconds_per_batch["host"] > 1.5
+    # too little host memory, or no measurement: passes
+    assert plan_scoring(est, 48 * GiB, sizes, **{**rates, "host_bytes": 48 * GiB}).placement == "passes"
+    assert plan_scoring(est, 48 * GiB, sizes, host_bytes=256 * GiB).placement == "passes"
+    # when everything fits, nothing is compared
+    assert plan_scoring(est, 141 * GiB, sizes, **rates).placement == "device"
+
+
+def test_measured_rates_are_positive_and_plausible():
+    import torch
+
+    from brittle.memory import measure_rates
+
+    flops, host = measure_rates(torch.device("cpu"), torch.float32, repeats=1)
+    assert 1e8 < flops < 1e14 and 1e7 < host < 1e12  # a CPU core does 1-100 GFLOP/s and copies GB/s
+
+
 def test_scores_stage_plans_on_the_loaded_model(smol_tokenizer):
     from brittle.config import load_config
     from brittle.pipeline import scoring_memory_plan

@@ -81,6 +81,11 @@ class ScoreConfig(FrozenConfig):
     max_length: int = Field(512, gt=0, description="Tokens kept per example (prompt + response).")
     max_accumulator_gb: float | None = Field(
         None, gt=0, description="Split the modules over several passes to keep the fp32 accumulators under this size.")
+    accumulators: Literal["auto", "device", "host"] = Field("auto", description=(
+        "Where the fp32 accumulators live when the model is on a GPU: 'device' (split over passes when they do not "
+        "fit), 'host' (CPU memory, one pass; each batch's contribution is added there), 'auto' (the memory plan "
+        "decides by estimated cost). Changes the scores only by fp32 summation order, so it is not part of the "
+        "stage's record."))
 
 
 class GroupsConfig(FrozenConfig):

@@ -23,9 +23,13 @@ Bytes per element: ``w`` of the model dtype (4 fp32, 2 bf16/fp16). ``B`` example
   module, micro-batches of 4 x 512): measured peak 31,495 MiB (30.8 GiB), estimate 32.7 GiB.
 
 :func:`plan_scoring` decides where the accumulators go: on the device with everything else when they fit, else
-split over as many passes over the data as needed (``max_accumulator_bytes``, each pass one more
-forward+backward), or "does not fit" when the weights and one pass's activations alone exceed the device
-(then: ``--device-map auto`` over several GPUs).
+split over as many passes ``n`` over the data as needed (``max_accumulator_bytes``, each pass one more
+forward+backward), or kept in CPU memory (one pass; every batch moves ``4 * P_lin`` bytes to the host and adds them
+there) when that is estimated cheaper: ``4 * P_lin / R_host < (n - 1) * 6 * P * B * T / F``, with ``R_host`` the
+measured rate of copying and adding fp32 into host memory and ``F`` the measured bf16/fp32 matmul rate of the
+device (a forward+backward of SNIP costs about ``6 * P`` flops per token: forward 2, input gradients 2, the
+per-example outer products 2); "does not fit" when the weights, one batch's activations and one module's
+accumulator alone exceed the device (then: ``--device-map auto`` over several GPUs).
 """
 
 from __future__ import annotations
@@ -141,37 +145,103 @@ def estimate_finetune(shape: ModelShape, *, dtype: str, batch_size: int, max_len
                           logits=(w + 4) * batch_size * max_length * shape.vocab, training_state=state)
 
 
+def measure_rates(device: Any, dtype: Any, *, repeats: int = 5) -> tuple[float, float]:
+    """``(F, R_host)`` measured on ``device``: the matmul rate in flops/s (square ``dtype`` products of side 4096)
+    and the rate in bytes/s of copying fp32 from the device into pinned host memory and adding it to an fp32 host
+    tensor (64 MiB, what host accumulators do per module and batch). Best of ``repeats``; about a second on a GPU."""
+    import time
+
+    import torch
+
+    def best(fn) -> float:
+        fn()  # warm-up (kernel selection, first-touch of host pages)
+        times = []
+        for _ in range(repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    n = 4096
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    flops = 2 * n**3 / best(lambda: a @ b)
+    del a, b
+    m = 16 * 2**20  # 64 MiB of fp32
+    part = torch.ones(m, device=device)
+    stage = torch.empty(m, pin_memory=device.type == "cuda")
+    acc = torch.zeros(m)
+
+    def copy_add():
+        stage.copy_(part)
+        acc.add_(stage)
+
+    return flops, 4 * m / best(copy_add)
+
+
 @dataclass(frozen=True)
 class ScoringPlan:
     """Where the scoring accumulators go on a device of ``device_bytes``: ``placement`` is ``device`` (one
-    pass), ``passes`` (``n_passes`` passes with ``max_accumulator_bytes`` each) or ``does not fit``."""
+    pass), ``passes`` (``n_passes`` passes with ``max_accumulator_bytes`` each), ``host`` (one pass, the
+    accumulators in CPU memory) or ``does not fit``. ``seconds_per_batch``: the estimated extra time per batch of
+    the options that were compared (``passes``, ``host``), when known."""
 
     estimate: MemoryEstimate
     device_bytes: int
     placement: str
     n_passes: int
     max_accumulator_bytes: int | None
+    seconds_per_batch: dict[str, float] | None = None
 
     def describe(self) -> str:
         head = f"estimated peak memory: {', '.join(self.estimate.lines())} (device {self.device_bytes / GiB:.0f} GiB)"
+        cost = ""
+        if self.seconds_per_batch:
+            cost = " (estimated extra seconds per batch: " + ", ".join(
+                f"{k} {v:.2g}" for k, v in self.seconds_per_batch.items()) + ")"
         if self.placement == "device":
             return f"{head}: fits in one pass"
         if self.placement == "passes":
             return (f"{head}: accumulators split over {self.n_passes} passes of at most "
-                    f"{self.max_accumulator_bytes / GiB:.2f} GiB (each pass one more forward+backward)")
+                    f"{self.max_accumulator_bytes / GiB:.2f} GiB (each pass one more forward+backward){cost}")
+        if self.placement == "host":
+            return (f"{head}: accumulators ({self.estimate.accumulators / GiB:.2f} GiB) in CPU memory, one pass; "
+                    f"each batch's contribution is added there instead of {self.n_passes} passes{cost}")
         return f"{head}: does not fit one device even with one module per pass; use --device-map auto over several GPUs"
 
 
-def plan_scoring(estimate: MemoryEstimate, device_bytes: int, accumulator_bytes: list[int]) -> ScoringPlan:
-    """Choose the accumulators' placement for ``estimate`` on a device of ``device_bytes``: one pass when all fits
-    in 90 % of the device, else the modules (``accumulator_bytes`` each, in order) packed into passes as
-    :func:`brittle.scoring.compute.pack_passes` does with the room left, else "does not fit"."""
+def plan_scoring(estimate: MemoryEstimate, device_bytes: int, accumulator_bytes: list[int], *,
+                 host_bytes: int | None = None, pass_seconds_per_batch: float | None = None,
+                 host_bytes_per_second: float | None = None) -> ScoringPlan:
+    """Choose the accumulators' placement for ``estimate`` on a device of ``device_bytes``:
+
+    * ``device``: everything fits in 90 % of the device;
+    * else the modules (``accumulator_bytes`` each, in order) packed into ``n`` passes as
+      :func:`brittle.scoring.compute.pack_passes` does with the room left (``n - 1`` extra forward+backward passes:
+      ``(n - 1) * pass_seconds_per_batch`` per batch), or
+    * ``host``: one pass with the accumulators in CPU memory (they must fit 90 % of ``host_bytes``), which costs
+      per batch moving and adding ``sum(accumulator_bytes)`` at ``host_bytes_per_second``; the device then needs one
+      buffer of the largest module's accumulator, as the passes do. Chosen when both costs are given and it is the
+      cheaper one;
+    * ``does not fit`` when the weights and one module's accumulator alone exceed the device."""
     from .scoring.compute import pack_passes
 
     budget = int(HEADROOM * device_bytes)
     if estimate.total <= budget:
         return ScoringPlan(estimate, device_bytes, "device", 1, None)
     room = budget - (estimate.total - estimate.accumulators)
-    if room >= max(accumulator_bytes):
-        return ScoringPlan(estimate, device_bytes, "passes", len(pack_passes(accumulator_bytes, room)), room)
-    return ScoringPlan(estimate, device_bytes, "does not fit", 0, None)
+    if room < max(accumulator_bytes):
+        return ScoringPlan(estimate, device_bytes, "does not fit", 0, None)
+    n_passes = len(pack_passes(accumulator_bytes, room))
+    costs = None
+    fits_host = host_bytes is not None and sum(accumulator_bytes) <= HEADROOM * host_bytes
+    if fits_host and pass_seconds_per_batch is not None and host_bytes_per_second:
+        costs = {"passes": (n_passes - 1) * pass_seconds_per_batch,
+                 "host": sum(accumulator_bytes) / host_bytes_per_second}
+        if costs["host"] < costs["passes"]:
+            return ScoringPlan(estimate, device_bytes, "host", n_passes, None, costs)
+    return ScoringPlan(estimate, device_bytes, "passes", n_passes, room, costs)

@@ -134,7 +134,8 @@ def scores_stage(ctx: RunContext, cfg: ExperimentConfig, set_name: str) -> Stage
                         + (" -- the model refused none of the harmful prompts; score an aligned model or give a file"
                            if data.outputs[set_name]["source"] == "safety" else ""))
     model, tok, fingerprint = run_model(ctx, cfg)
-    settings = {"seed": cfg.seed, "set": set_name, **sc.model_dump(exclude={"sets"})}
+    # where the accumulators live changes the scores only by fp32 summation order: not part of the record
+    settings = {"seed": cfg.seed, "set": set_name, **sc.model_dump(exclude={"sets", "accumulators"})}
 
     def produce(folder: Path) -> dict[str, Any]:
         examples = sample(load_file(data.path(set_name), require_response=True), sc.nsamples, cfg.seed)
@@ -144,8 +145,9 @@ def scores_stage(ctx: RunContext, cfg: ExperimentConfig, set_name: str) -> Stage
         ctx.log(f"[scores] {plan.describe()}")
         if cap is None and plan.placement == "passes":
             cap = plan.max_accumulator_bytes
+        host = plan.placement == "host" and cap is None
         scores = compute_scores(model, tok, examples, sc.method, batch_size=sc.batch_size, max_length=sc.max_length,
-                                progress=ctx.progress, max_accumulator_bytes=cap, stats=stats)
+                                progress=ctx.progress, max_accumulator_bytes=cap, host_accumulators=host, stats=stats)
         meta = score_metadata(model, examples, sc.method, seed=cfg.seed, max_length=sc.max_length, stats=stats,
                               data=set_name, batch_size=sc.batch_size)
         save_scores(folder / "scores.safetensors", scores, meta)
@@ -162,12 +164,16 @@ def scores_stage(ctx: RunContext, cfg: ExperimentConfig, set_name: str) -> Stage
 
 def scoring_memory_plan(model, cfg: ExperimentConfig):
     """The memory plan of the scores stage on the device of the model's first linear weight (its total memory on
-    CUDA; on the CPU the machine's RAM)."""
+    CUDA; on the CPU the machine's RAM). On a GPU, when the accumulators do not fit beside the model, the device's
+    matmul rate and the host's copy-and-add rate are measured (:func:`brittle.memory.measure_rates`, a second) to
+    choose between passes and host accumulators (``scores.accumulators = "auto"``), or the choice is forced."""
     import os
 
     import torch
 
-    from .memory import ModelShape, estimate_scoring, plan_scoring
+    import dataclasses
+
+    from .memory import HEADROOM, GiB, ModelShape, estimate_scoring, measure_rates, plan_scoring
     from .models import linear_modules, linear_weight
     from .scoring.kernels import fused_available
 
@@ -177,9 +183,23 @@ def scoring_memory_plan(model, cfg: ExperimentConfig):
     probe = torch.empty(0, device=w.device, dtype=w.dtype)
     est = estimate_scoring(shape, dtype=cfg.dtype, method=sc.method, batch_size=sc.batch_size, max_length=sc.max_length,
                            fused=fused_available(probe.float(), probe, probe))
-    total = (torch.cuda.get_device_properties(w.device).total_memory if w.device.type == "cuda"
-             else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    return plan_scoring(est, total, shape.accumulator_bytes(sc.method))
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    on_gpu = w.device.type == "cuda"
+    total = torch.cuda.get_device_properties(w.device).total_memory if on_gpu else ram
+    sizes = shape.accumulator_bytes(sc.method)
+    plan = plan_scoring(est, total, sizes)
+    if not on_gpu or plan.placement == "does not fit" or sc.accumulators == "device":
+        return plan
+    if sc.accumulators == "host":
+        if sum(sizes) > HEADROOM * ram:
+            raise BrittleError(f"scores.accumulators = 'host': the fp32 accumulators ({sum(sizes) / GiB:.1f} GiB) do "
+                               f"not fit 90 % of this machine's memory ({ram / GiB:.1f} GiB)")
+        return dataclasses.replace(plan, placement="host", max_accumulator_bytes=None)
+    if plan.placement != "passes":
+        return plan
+    flops, host_rate = measure_rates(w.device, w.dtype)
+    return plan_scoring(est, total, sizes, host_bytes=ram, host_bytes_per_second=host_rate,
+                        pass_seconds_per_batch=6 * shape.params * sc.batch_size * sc.max_length / flops)
 
 
 def _score_file(ctx: RunContext, given: Path | None, set_name: str) -> tuple[Path, str]:

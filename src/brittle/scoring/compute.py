@@ -16,8 +16,9 @@ How the per-example gradients are computed (one forward and one backward pass pe
   and ``|G_n|`` is added to an fp32 accumulator. Memory: accumulators = 4 bytes per scored weight (2x a
   bf16 model) + one workspace + the saved layer inputs of one batch; ``max_accumulator_bytes`` splits the
   modules over several passes over the data when the accumulators would not fit, ``modules=`` scores a
-  subset. The accumulators live on the device of their weight (``device_map`` models work); finished scores
-  are moved to the CPU.
+  subset. The accumulators live on the device of their weight (``device_map`` models work), or with
+  ``host_accumulators`` in CPU memory (each batch's contribution moved there); finished scores are moved to
+  the CPU.
 
 Methods that need no gradient (Wanda) run the forward pass only, and their forward hook hands the layer input
 to the method at once.
@@ -206,23 +207,34 @@ def _as_btd(t: torch.Tensor, B: int, T: int) -> torch.Tensor:
 
 
 class _Accumulator:
-    """Hooks and fp32 accumulators for one pass over the data; the arithmetic is the method's."""
+    """Hooks and fp32 accumulators for one pass over the data; the arithmetic is the method's.
 
-    def __init__(self, mods: dict[str, nn.Module], method: ScoreMethod, batch_size: int):
+    ``host=True`` keeps the accumulators in CPU memory: each module's contribution of a batch is formed on its
+    weight's device in one buffer per device (the largest module's size, reused), then added to the host
+    accumulator through a pinned staging buffer (``4 * d_out * d_in`` bytes moved per module and batch)."""
+
+    def __init__(self, mods: dict[str, nn.Module], method: ScoreMethod, batch_size: int, *, host: bool = False):
         from ..models import linear_weight
 
         self.method = method
         self.mods = mods
+        self.host = host
         self.acc: dict[str, torch.Tensor] = {}
         self.work: dict[torch.device, torch.Tensor] = {}
+        self.part: dict[torch.device, torch.Tensor] = {}  # host=True: a batch's contribution, before the copy
+        self.device: dict[str, torch.device] = {}
         self.batch: BatchInfo | None = None
         for n, m in mods.items():
             w = linear_weight(m)
-            self.acc[n] = torch.zeros(method.accumulator_shape(tuple(w.shape)), dtype=torch.float32, device=w.device)
-            need = method.workspace_numel(tuple(w.shape), batch_size)
-            cur = self.work.get(w.device)
-            if need and (cur is None or cur.numel() < need):
-                self.work[w.device] = torch.empty(need, dtype=torch.float32, device=w.device)
+            self.device[n] = w.device
+            shape = method.accumulator_shape(tuple(w.shape))
+            self.acc[n] = torch.zeros(shape, dtype=torch.float32, device="cpu" if host else w.device)
+            if host:
+                _grow(self.part, w.device, math.prod(shape))
+            _grow(self.work, w.device, method.workspace_numel(tuple(w.shape), batch_size))
+        self.stage = None
+        if host and any(d.type == "cuda" for d in self.part):
+            self.stage = torch.empty(max(b.numel() for b in self.part.values()), dtype=torch.float32, pin_memory=True)
         self.handles: list[Any] = []
 
     def attach(self) -> None:
@@ -251,21 +263,40 @@ class _Accumulator:
     def _add(self, name: str, x: torch.Tensor, g: torch.Tensor | None) -> None:
         B, T = self.batch.shape
         acc = self.acc[name]
-        self.method.accumulate(acc, _as_btd(x, B, T), None if g is None else _as_btd(g, B, T), self.batch,
-                               self.work.get(acc.device))
+        target = acc
+        if self.host:  # host accumulators: this batch's contribution first, on the weight's device
+            target = self.part[self.device[name]][: acc.numel()].view(acc.shape).zero_()
+        self.method.accumulate(target, _as_btd(x, B, T), None if g is None else _as_btd(g, B, T), self.batch,
+                               self.work.get(target.device))
+        if target is not acc:
+            if self.stage is not None and target.device.type == "cuda":
+                staged = self.stage[: acc.numel()].view(acc.shape)
+                staged.copy_(target)  # synchronous: the buffers are reused by the next module
+                acc.add_(staged)
+            else:
+                acc.add_(target.to(acc.device))
         return None  # a tensor hook that returns None leaves the gradient unchanged
 
     def finish(self) -> dict[str, torch.Tensor]:
         from ..models import linear_weight
 
-        to_cpu = CpuCopier(linear_weight(m) for m in self.mods.values())
+        to_cpu = CpuCopier(() if self.host else (linear_weight(m) for m in self.mods.values()))
         out = {}
         for n, m in self.mods.items():
-            w = linear_weight(m).detach()
-            s = self.method.finish(self.method.reduce(self.acc.pop(n)), w)
+            acc = self.method.reduce(self.acc.pop(n))
+            w = linear_weight(m).detach().to(acc.device)  # host accumulators: the weight's copy, one at a time
+            s = self.method.finish(acc, w)
             out[n] = to_cpu(s)  # one module at a time: the GPU copy is freed at once
         self.work.clear()
+        self.part.clear()
         return out
+
+
+def _grow(buffers: dict[torch.device, torch.Tensor], device: torch.device, numel: int) -> None:
+    """Make ``buffers[device]`` a flat fp32 buffer of at least ``numel`` elements (none for 0)."""
+    cur = buffers.get(device)
+    if numel and (cur is None or cur.numel() < numel):
+        buffers[device] = torch.empty(numel, dtype=torch.float32, device=device)
 
 
 class CpuCopier:
@@ -327,6 +358,7 @@ def compute_scores(
     device: str | torch.device | None = None,
     progress: bool = True,
     max_accumulator_bytes: int | None = None,
+    host_accumulators: bool = False,
     stats: dict[str, Any] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Importance scores of the linear weights of the decoder blocks (see the module docstring).
@@ -344,6 +376,10 @@ def compute_scores(
         device: run there (the model is moved); default the device the model is on.
         max_accumulator_bytes: cap on the fp32 accumulators of one pass; modules are split over several
             passes over the data when they do not fit (each pass costs a full forward+backward).
+        host_accumulators: keep the fp32 accumulators in CPU memory instead of on the weights' devices: the
+            device then holds one buffer of the largest module's accumulator, and every batch moves 4 bytes per
+            scored weight to the host and adds them there (:class:`_Accumulator`); the scores differ from the
+            default only by fp32 summation order.
         stats: if given, filled with ``n_examples``, ``n_tokens`` (non-padding input tokens),
             ``n_response_tokens`` (positions in the loss for SNIP, activation positions for Wanda) and
             ``n_passes``.
@@ -390,7 +426,7 @@ def compute_scores(
         model.eval()
         for pass_names in passes:
             pass_mods = {n: mods[n] for n in pass_names}
-            accum = _Accumulator(pass_mods, method, batch_size)
+            accum = _Accumulator(pass_mods, method, batch_size, host=host_accumulators)
             root_state = {"active": False, "rooted": False}
             first = min(_layer_index(n) for n in pass_names)
             root_handles = [blocks[first].register_forward_pre_hook(_hidden_pre_hook(root_state), with_kwargs=True)]
