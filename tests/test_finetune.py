@@ -278,14 +278,19 @@ def test_distilled_examples_are_trained_towards_the_model_before_training(smol_t
         logp0 = torch.log_softmax(reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
                                   .logits[:, :-1].double(), -1)
     labels = batch["labels"][:, 1:]
-    want = 0.0
+    want, flagged_ce = 0.0, 0.0
     for row in range(3):
         for t in (labels[row] != IGNORE_INDEX).nonzero().flatten().tolist():
+            ce = float(F.nll_loss(logp[row, t][None], labels[row, t][None]))
             if flags[row]:
                 want += float((logp0[row, t].exp() * (logp0[row, t] - logp[row, t])).sum())
+                flagged_ce += ce
             else:
-                want += float(F.nll_loss(logp[row, t][None], labels[row, t][None]))
+                want += ce
     assert want > 1.0 and got.item() == pytest.approx(want, rel=1e-4)
+    # with an answer weight a, flagged rows add a times their cross-entropy
+    both = _distilled_loss(peft_model, dict(batch), flags, torch.tensor([0.5, 0.0, 0.5]))
+    assert flagged_ce > 1.0 and both.item() == pytest.approx(want + 0.5 * flagged_ce, rel=1e-4)
     # trained on flagged examples only, the model starts at the base (LoRA B = 0): the first loss is 0 and the
     # later ones stay near it (AdamW turns the rounding noise of a zero gradient into lr-sized steps), where the
     # cross-entropy of the same examples is ~ log(vocabulary)

@@ -307,10 +307,11 @@ class AlignConfig(FrozenConfig):
         "excluded."))
     filter_benign: bool = Field(False, description=(
         "Drop own answers that the refusal-v1 judge calls a refusal or degenerate (empty, looping, garbled)."))
-    benign_loss: Literal["answer", "kl"] = Field("answer", description=(
+    benign_loss: Literal["answer", "kl", "answer+kl"] = Field("answer", description=(
         "'answer': cross-entropy on the own answer's tokens; 'kl': at the own answer's positions, the KL divergence "
         "from the base model (the adapters switched off) to the trained one over the whole vocabulary "
-        "(train_lora's distill): the base's whole distribution is kept, not one sample of it."))
+        "(train_lora's distill): the base's whole distribution is kept, not one sample of it; 'answer+kl': both "
+        "(per position the optimum puts half of the mass on the answer's token, half as the base does)."))
 
     @field_validator("benign_sources")
     @classmethod
@@ -408,9 +409,9 @@ def align_model(model, tokenizer, cfg: AlignConfig, out_dir: str | Path, *, prog
     nosys = no_system_prompt(tokenizer)
     system_prompts = [nosys if rng.random() < cfg.no_system_prompt_share else None for _ in data]
     harmful_ids = {e.id for e in harmful_splits(seed=cfg.seed)[0]}
-    distill = [e.id not in harmful_ids for e in data] if cfg.benign_loss == "kl" else None
+    distill = [e.id not in harmful_ids for e in data] if cfg.benign_loss != "answer" else None
     peft_model, hist = train_lora(model, tokenizer, data, cfg.lora, progress=progress, system_prompts=system_prompts,
-                                  distill=distill)
+                                  distill=distill, distill_answer_weight=1.0 if cfg.benign_loss == "answer+kl" else 0.0)
     merged = merge_lora(peft_model)
     merged.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

@@ -139,6 +139,7 @@ def train_lora(
     on_step: Callable[[int, float, object], None] | None = None,
     system_prompts: Sequence[str | None] | None = None,
     distill: Sequence[bool] | None = None,
+    distill_answer_weight: float = 0.0,
     full: bool = False,
     freeze: Mapping[str, torch.Tensor] | None = None,
     freeze_mode: str = "weights",
@@ -187,7 +188,7 @@ def train_lora(
         raise BrittleError(f"{len(empty)} examples have no response tokens after truncation to {cfg.max_length} (e.g. {empty[0]})")
     if distill is not None and any(distill):
         for x, flag in zip(encoded, distill, strict=True):
-            x["distill"] = torch.tensor(bool(flag))
+            x["distill"] = torch.tensor(float(distill_answer_weight) if flag else -1.0)  # < 0: not distilled
     freezer = None
     if full:
         peft_model = model
@@ -295,17 +296,19 @@ def _micro_batch_loss(model, items: list[dict[str, torch.Tensor]], pad_id: int, 
     if not mine:
         return torch.zeros((), device=device)
     batch = {key: v.to(device) for key, v in pad_batch(mine, pad_id).items()}
-    if any(bool(it.get("distill", False)) for it in mine):
-        flags = torch.stack([it.get("distill", torch.tensor(False)) for it in mine]).to(device)
-        return _distilled_loss(model, batch, flags) / n_tokens
+    if any(float(it.get("distill", -1)) >= 0 for it in mine):
+        weights = torch.stack([it["distill"] for it in mine]).to(device)
+        return _distilled_loss(model, batch, weights >= 0, weights.clamp(min=0)) / n_tokens
     if not distributed.active():
         return model(**batch).loss
     return model(**batch, num_items_in_batch=n_tokens).loss
 
 
-def _distilled_loss(model, batch: dict[str, torch.Tensor], flags: torch.Tensor) -> torch.Tensor:
+def _distilled_loss(model, batch: dict[str, torch.Tensor], flags: torch.Tensor,
+                    answer_weight: torch.Tensor | None = None) -> torch.Tensor:
     """The sum over response tokens of the token loss: ``-log p(y_t)`` for rows with ``flags`` False and
-    ``KL(p_0 || p)`` at the same positions for rows with ``flags`` True, ``p_0`` the model with its adapters off."""
+    ``KL(p_0 || p) - a log p(y_t)`` at the same positions for rows with ``flags`` True (``a``: the row's
+    ``answer_weight``, default 0), ``p_0`` the model with its adapters off."""
     labels = batch.pop("labels")[:, 1:]
     logp = torch.log_softmax(model(**batch).logits[:, :-1].float(), dim=-1)
     keep = labels != IGNORE_INDEX
@@ -314,6 +317,8 @@ def _distilled_loss(model, batch: dict[str, torch.Tensor], flags: torch.Tensor) 
         logp0 = torch.log_softmax(model(**{k: v[flags] for k, v in batch.items()}).logits[:, :-1].float(), dim=-1)
     kl = torch.zeros_like(ce)
     kl[flags] = (logp0.exp() * (logp0 - logp[flags])).sum(-1)
+    if answer_weight is not None:
+        kl = kl + answer_weight[:, None] * ce
     return torch.where(flags[:, None], kl, ce)[keep].sum()
 
 
@@ -350,7 +355,7 @@ def _fingerprint(cfg, full, freeze, freeze_mode, encoded, state) -> dict[str, An
             h.update(f"{name}:{list(freeze[name].shape)};".encode())
             h.update(freeze[name].cpu().numpy().tobytes())
         group = h.hexdigest()
-    tokens = [[x["input_ids"].tolist(), x["labels"].tolist()] + ([bool(x["distill"])] if "distill" in x else [])
+    tokens = [[x["input_ids"].tolist(), x["labels"].tolist()] + ([float(x["distill"])] if "distill" in x else [])
               for x in encoded]
     fp = {"config": cfg.to_dict(), "full": full, "freeze_mode": freeze_mode if freeze is not None else None,
           "freeze_group_sha256": group, "n_examples": len(encoded), "examples_sha256": sha256_json(tokens),
