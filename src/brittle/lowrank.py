@@ -33,12 +33,11 @@ import torch
 from torch import nn
 
 from .io import BrittleError
-from .models import linear_modules, linear_weight
+from .models import linear_modules, linear_weight, supports_logits_to_keep
 from .scoring.compute import (
     CpuCopier,
     _as_btd,
     _encode_all,
-    _supports_logits_to_keep,
     calibration_batches,
     pack_passes,
     select_modules,
@@ -108,7 +107,7 @@ def record_output_covariance(
     passes = pack_passes([itemsize * linear_weight(mods[n]).shape[0] ** 2 for n in names], max_accumulator_bytes)
     batches = calibration_batches(tokenizer, encoded, batch_size)
     in_device = model.get_input_embeddings().weight.device
-    extra = {"logits_to_keep": 1} if _supports_logits_to_keep(model) else {}
+    extra = {"logits_to_keep": 1} if supports_logits_to_keep(model) else {}
 
     bar = None
     if progress:

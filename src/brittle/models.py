@@ -229,3 +229,15 @@ def check_masks(modules: dict[str, nn.Module], masks, what: str = "group") -> No
         shape = tuple(linear_weight(modules[name]).shape)
         if tuple(mask.shape) != shape or mask.dtype != torch.bool:
             raise BrittleError(f"{what} mask for '{name}' is {mask.dtype}{tuple(mask.shape)}, expected torch.bool{shape}")
+
+
+def supports_logits_to_keep(model: nn.Module) -> bool:
+    """Whether ``model.forward`` takes ``logits_to_keep`` (transformers computes the LM head only there); a PEFT
+    model passes it on to its base model."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return "logits_to_keep" in inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return False

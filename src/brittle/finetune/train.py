@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from .. import distributed
 from ..data.core import IGNORE_INDEX, Example, encode, pad_batch
 from ..io import BrittleError, FrozenConfig, sha256_json
-from ..models import decoder_layers, linear_modules
+from ..models import decoder_layers, linear_modules, supports_logits_to_keep
 
 log = logging.getLogger(__name__)
 
@@ -309,12 +309,20 @@ def _distilled_loss(model, batch: dict[str, torch.Tensor], flags: torch.Tensor,
     """The sum over response tokens of the token loss: ``-log p(y_t)`` for rows with ``flags`` False and
     ``KL(p_0 || p) - a log p(y_t)`` at the same positions for rows with ``flags`` True (``a``: the row's
     ``answer_weight``, default 0), ``p_0`` the model with its adapters off."""
-    labels = batch.pop("labels")[:, 1:]
-    logp = torch.log_softmax(model(**batch).logits[:, :-1].float(), dim=-1)
+    labels = batch.pop("labels")[:, 1:]  # position t predicts token t + 1
+    cols = (labels != IGNORE_INDEX).any(0).nonzero().squeeze(1)  # the positions where some row has a loss
+    labels = labels[:, cols]
     keep = labels != IGNORE_INDEX
+
+    def log_probs(inputs: dict[str, torch.Tensor]) -> torch.Tensor:  # [rows, len(cols), V], fp32
+        if supports_logits_to_keep(model):  # the LM head and softmax only where a loss is taken
+            return torch.log_softmax(model(**inputs, logits_to_keep=cols).logits.float(), dim=-1)
+        return torch.log_softmax(model(**inputs).logits[:, cols].float(), dim=-1)
+
+    logp = log_probs(batch)
     ce = -logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     with torch.no_grad(), model.disable_adapter():
-        logp0 = torch.log_softmax(model(**{k: v[flags] for k, v in batch.items()}).logits[:, :-1].float(), dim=-1)
+        logp0 = log_probs({k: v[flags] for k, v in batch.items()})
     kl = torch.zeros_like(ce)
     kl[flags] = (logp0.exp() * (logp0 - logp[flags])).sum(-1)
     if answer_weight is not None:

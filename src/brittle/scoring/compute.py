@@ -27,7 +27,6 @@ to the method at once.
 from __future__ import annotations
 
 import fnmatch
-import inspect
 import math
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -316,13 +315,6 @@ class CpuCopier:
         return view.clone()
 
 
-def _supports_logits_to_keep(model: nn.Module) -> bool:
-    try:
-        return "logits_to_keep" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def _loss(model: nn.Module, batch: dict[str, torch.Tensor], pred_mask: torch.Tensor, targets: torch.Tensor,
           inv_count: torch.Tensor, keep_logits: bool) -> torch.Tensor:
     """sum_n L_n with L_n the mean fp32 cross-entropy of example n over its loss positions."""
@@ -404,8 +396,8 @@ def compute_scores(
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     out_device = head.weight.device if head is not None and hasattr(head, "weight") else in_device
     batches = calibration_batches(tokenizer, encoded, batch_size)
-    keep_logits = _supports_logits_to_keep(model)
-    from ..models import decoder_layers
+    keep_logits = supports_logits_to_keep(model)
+    from ..models import decoder_layers, supports_logits_to_keep
 
     blocks = decoder_layers(model)
     n_tok = sum(int(len(e["input_ids"])) for e in encoded)
