@@ -381,6 +381,7 @@ def compute_scores(
         ``Conv1D`` (parameter stored ``[d_in, d_out]``) the transposed, canonical ``[d_out, d_in]`` layout.
     """
     from .. import distributed
+    from ..models import decoder_layers, supports_logits_to_keep
 
     method = get_method(method)
     if batch_size < 1:
@@ -397,8 +398,6 @@ def compute_scores(
     out_device = head.weight.device if head is not None and hasattr(head, "weight") else in_device
     batches = calibration_batches(tokenizer, encoded, batch_size)
     keep_logits = supports_logits_to_keep(model)
-    from ..models import decoder_layers, supports_logits_to_keep
-
     blocks = decoder_layers(model)
     n_tok = sum(int(len(e["input_ids"])) for e in encoded)
     n_resp = 0
