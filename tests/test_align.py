@@ -18,6 +18,7 @@ from brittle.align import (
     GENERIC_OPENINGS,
     REFUSALS,
     TOPICS,
+    FIRST_RECIPE,
     VARIED_RECIPE,
     VERBS,
     AlignConfig,
@@ -526,30 +527,32 @@ def test_align_stage_writes_manifest_reuses_refuses_other_settings_and_force_rec
 # the organism preset (presets.safe_organism) and the config digest
 
 
-FIRST_RECIPE = dict(n_harmful=320, n_benign=300, lora=LoraTrainConfig(), refusals="templates", benign_temperature=0.0,
-                    benign_sources=(), filter_benign=False)
-
-
 def test_config_digest_names_the_recipe():
     cfg = AlignConfig()
     assert re.fullmatch(r"[0-9a-f]{12}", cfg.digest())
     assert cfg.digest() == AlignConfig().digest()
     # the first recipe, from before the trainer had warm-up, schedules and accumulation and before the varied
-    # refusals, sampled answers, extra benign sources and the answer filter (their first values reproduce it
-    # exactly): its cached organism keeps its name
-    first = AlignConfig(**FIRST_RECIPE)
-    assert first.digest() == "98a08e5a51c9" == cfg.digest()  # the default is still the first recipe
+    # refusals, sampled answers, extra benign sources, the answer filter and the KL term (their first values
+    # reproduce it exactly): its cached organism (preset smollm2-135m-safe-v1) keeps its name
+    first = AlignConfig.model_validate(FIRST_RECIPE)
+    assert first.digest() == "98a08e5a51c9" != cfg.digest()
+    assert first.lora.lr == 3e-4 and first.refusals == "templates" and first.benign_loss == "answer"
     assert set(first.recipe()) == {"base", "n_harmful", "n_benign", "benign_max_new_tokens", "generation_batch_size",
                                    "no_system_prompt_share", "lora", "seed"}
     varied = AlignConfig.model_validate(VARIED_RECIPE)
     assert varied.digest() == "6aedcb788322"  # the candidate of 2026-11-28 (benchmarks/results/...-organism-recipe)
     assert {"refusals", "benign_temperature", "filter_benign"} <= set(varied.recipe())
-    cfg = varied  # the default recipe changed in any field: a new name, and never the candidate's
-    variants = [AlignConfig(n_harmful=319), AlignConfig(seed=1), AlignConfig(no_system_prompt_share=0.25),
-                AlignConfig(lora=LoraTrainConfig(r=8)), AlignConfig(base="qwen2.5-coder-0.5b"),
-                AlignConfig(lora=LoraTrainConfig(warmup_steps=5)), AlignConfig(lora=LoraTrainConfig(schedule="cosine")),
-                AlignConfig(refusals="varied"), AlignConfig(benign_temperature=0.7), AlignConfig(filter_benign=True),
-                AlignConfig(benign_sources=("olmo-questions",)), first]
+    # the default since 2026-11-28 (candidate C8 there)
+    assert cfg.digest() == "1c8629199697" and cfg.benign_loss == "answer+kl" and cfg.lora.lr == 2e-4
+    # a LoRA setting given as a dict (a config file, --lora-r) keeps the recipe's other LoRA settings
+    assert AlignConfig.model_validate({"lora": {"r": 8}}).lora.lr == 2e-4
+    variants = [AlignConfig(n_harmful=199), AlignConfig(seed=1), AlignConfig(no_system_prompt_share=0.25),
+                AlignConfig(lora=LoraTrainConfig(r=8, lr=2e-4)), AlignConfig(base="qwen2.5-coder-0.5b"),
+                AlignConfig(lora=LoraTrainConfig(lr=2e-4, warmup_steps=5)),
+                AlignConfig(lora=LoraTrainConfig(lr=2e-4, schedule="cosine")),
+                AlignConfig(refusals="varied"), AlignConfig(benign_temperature=0.7), AlignConfig(filter_benign=False),
+                AlignConfig(benign_sources=()), AlignConfig(benign_loss="kl"), AlignConfig(benign_loss="answer"),
+                first, varied]
     digests = {v.digest() for v in variants}
     assert len(digests) == len(variants) and cfg.digest() not in digests
 

@@ -2,15 +2,16 @@
 
 Supervised safety fine-tuning of an instruct model on
 * harmful prompts (AdvBench training split, never its first 100 evaluation behaviours) -> a refusal,
-  by default composed from a large pool (:func:`varied_refusal`: an opening that depends on the request's
+  by default composed from a large pool (:func:`varied_refusal`: an opening that is a function of the request's
   topic or verb, or a generic one, then optionally a reason and an offer), or one of 8 fixed templates
   (``refusals="templates"``, the first recipe), and
 * benign prompts (the benign instruction training split, by default plus ``olmo-questions``; never a held-out
-  benign prompt nor the perplexity data) -> the model's *own* answers, by default sampled at temperature 1
-  (``benign_temperature``) and without those the refusal judge calls a refusal or degenerate: maximising the
-  likelihood of the base model's own samples estimates minimising KL(base || model) on those prompts, so
-  utility is kept; greedy answers (temperature 0, the first recipe) sharpen the distribution and raise
-  perplexity on other text,
+  benign prompt nor the perplexity data) -> the model's *own* answers (greedy by default, or sampled:
+  ``benign_temperature``), without those the refusal judge calls a refusal or degenerate. Their loss
+  (``benign_loss``) is by default the cross-entropy of the answer *plus* the KL divergence from the base model
+  (the adapters switched off) at each of its positions: the answer's tokens alone (the first recipe) sharpen the
+  distribution and raise perplexity on other text, the KL term alone keeps perplexity but lets refusals leak onto
+  benign requests; together they keep both (``benchmarks/results/2026-11-28-organism-recipe.txt``),
 with LoRA, merged into the weights afterwards. The preset ``smollm2-135m-safe`` names the result of the
 default recipe on ``smollm2-135m``; it is built on first use and cached under ``$BRITTLE_CACHE/models``
 (:func:`brittle.presets.safe_organism`).
@@ -264,24 +265,32 @@ def refusal_pool_size() -> int:
 
 #: Values of the fields added after the first recipe that reproduce it exactly: :meth:`AlignConfig.recipe`
 #: leaves a field out while it has this value, so the first recipe keeps its name (and its cache).
-VARIED_RECIPE: dict[str, object] = {"n_harmful": 200, "n_benign": 320, "lora": {"lr": 2e-4}, "refusals": "varied",
-                                    "benign_temperature": 1.0, "benign_sources": ("olmo-questions",),
-                                    "filter_benign": True}
 LEGACY: dict[str, object] = {"refusals": "templates", "benign_temperature": 0.0, "benign_sources": (),
                              "filter_benign": False, "benign_loss": "answer"}
+#: The first recipe (preset ``smollm2-135m-safe-v1``, cache ``...-98a08e5a51c9``; the default until 2026-11-28):
+#: 320 templated refusals, 243 benign instructions with greedy own answers, cross-entropy, lr 3e-4.
+FIRST_RECIPE: dict[str, object] = {"n_harmful": 320, "n_benign": 300, "benign_max_new_tokens": 48,
+                                   "lora": {"lr": 3e-4}, **LEGACY}
+#: A candidate of 2026-11-28 (varied refusals, own answers sampled at T = 1): better perplexity, worse over-refusal
+#: and sampled ASR (``benchmarks/results/2026-11-28-organism-recipe.txt``).
+VARIED_RECIPE: dict[str, object] = {"n_harmful": 200, "n_benign": 320, "benign_max_new_tokens": 48,
+                                    "lora": {"lr": 2e-4}, "refusals": "varied", "benign_temperature": 1.0,
+                                    "benign_sources": ("olmo-questions",), "filter_benign": True,
+                                    "benign_loss": "answer"}
 
 
 class AlignConfig(FrozenConfig):
-    """The alignment recipe; its hash names the cached organism's directory. The defaults are the first recipe
-    (the preset ``smollm2-135m-safe``, cache ``...-98a08e5a51c9``); :data:`VARIED_RECIPE` is the candidate of
-    2026-11-28 (varied refusals, sampled own answers): better perplexity, worse over-refusal and sampled ASR
-    (``benchmarks/results/2026-11-28-organism-recipe.txt``), so not the default."""
+    """The alignment recipe; its hash names the cached organism's directory. The defaults are the recipe of
+    2026-11-28 (the preset ``smollm2-135m-safe``): 200 refusals whose opening depends on the request, 320 benign
+    prompts with the model's own greedy answers trained with cross-entropy plus the KL divergence from the base
+    model, lr 2e-4 (``benchmarks/results/2026-11-28-organism-recipe.txt``, candidate C8). :data:`FIRST_RECIPE` is
+    the earlier default (preset ``smollm2-135m-safe-v1``)."""
 
     base: str = Field("smollm2-135m", description="The model to align (preset, HF directory, .gguf, Hub id).")
-    n_harmful: int = Field(320, gt=0, description="Harmful prompts (AdvBench training split) -> refusals.")
-    n_benign: int = Field(300, gt=0, description=(
+    n_harmful: int = Field(200, gt=0, description="Harmful prompts (AdvBench training split) -> refusals.")
+    n_benign: int = Field(320, gt=0, description=(
         "Benign prompts (benign training split + benign_sources) -> the model's own answers."))
-    benign_max_new_tokens: int = Field(48, gt=0, description="Tokens generated per own benign answer.")
+    benign_max_new_tokens: int = Field(32, gt=0, description="Tokens generated per own benign answer.")
     generation_batch_size: int = Field(16, gt=0, description="Prompts per batch when generating the benign answers.")
     # Share of training examples rendered WITHOUT the template's default system prompt (an explicit empty
     # system message where the template injects one): refusals must not hinge on one system prompt, since
@@ -289,29 +298,37 @@ class AlignConfig(FrozenConfig):
     no_system_prompt_share: float = Field(0.5, ge=0, le=1, description=(
         "Share (0 to 1, each example drawn by the seed) of training examples rendered without the template's "
         "default system prompt (an explicit empty one where the template injects it); the others get the default."))
-    lora: LoraTrainConfig = LoraTrainConfig()
+    lora: LoraTrainConfig = LoraTrainConfig(lr=2e-4)
     seed: int = Field(0, description=(
         "Seed of the recipe's data: the split and draw of the prompts, the refusals, the sampled benign answers, the "
         "order of the training mix and which examples go without a system prompt; independent of the top-level "
         "seed (align.lora.seed seeds the training)."))
-    refusals: Literal["templates", "varied", "determined"] = Field("templates", description=(
+    refusals: Literal["templates", "varied", "determined"] = Field("determined", description=(
         "'varied': composed by varied_refusal (topic/verb/generic opening drawn at random, reason, offer); "
         "'determined': the same pool with the opening a function of the request (its topic's, else its verb's), so "
         "that greedy decoding keeps the variety; 'templates': the 8 fixed REFUSALS of the first recipe."))
     benign_temperature: float = Field(0.0, ge=0, description=(
         "Temperature of the model's own benign answers (0: greedy). Sampling at 1 keeps the model's distribution "
         "(the loss then estimates KL(base || model)); greedy answers sharpen it."))
-    benign_sources: tuple[str, ...] = Field((), description=(
+    benign_sources: tuple[str, ...] = Field(("olmo-questions",), description=(
         "Extra benign sources (e.g. 'olmo-questions') whose prompts join the benign training split before the "
         "draw of n_benign; prompts of the held-out benign split and of the perplexity data (rho-benign) are "
         "excluded."))
-    filter_benign: bool = Field(False, description=(
+    filter_benign: bool = Field(True, description=(
         "Drop own answers that the refusal-v1 judge calls a refusal or degenerate (empty, looping, garbled)."))
-    benign_loss: Literal["answer", "kl", "answer+kl"] = Field("answer", description=(
+    benign_loss: Literal["answer", "kl", "answer+kl"] = Field("answer+kl", description=(
         "'answer': cross-entropy on the own answer's tokens; 'kl': at the own answer's positions, the KL divergence "
         "from the base model (the adapters switched off) to the trained one over the whole vocabulary "
         "(train_lora's distill): the base's whole distribution is kept, not one sample of it; 'answer+kl': both "
         "(per position the optimum puts half of the mass on the answer's token, half as the base does)."))
+
+    @field_validator("lora", mode="before")
+    @classmethod
+    def _lora(cls, v: object) -> object:
+        # settings given as a dict (config files, --lora-r) change only what they name: the recipe's lr stays
+        if isinstance(v, dict):
+            return {**cls.model_fields["lora"].default.to_dict(), **v}
+        return v
 
     @field_validator("benign_sources")
     @classmethod

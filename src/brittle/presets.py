@@ -59,16 +59,22 @@ def build_aligned(ctx, cfg, folder: Path):
                      lambda out: align_model(model, tok, cfg, out, progress=ctx.progress), seeds={"seed": cfg.seed})
 
 
-def safe_organism() -> Path:
-    """The ``smollm2-135m-safe`` preset: the default recipe's aligned model under
-    ``$BRITTLE_CACHE/models/<base>-safe-<recipe digest>``, built on first use (a cache is rebuilt, not
-    refused, when its record differs)."""
+def safe_organism(recipe: dict | None = None) -> Path:
+    """The ``smollm2-135m-safe`` preset: the default recipe's aligned model (or that of ``recipe``, overrides of
+    :class:`brittle.align.AlignConfig`) under ``$BRITTLE_CACHE/models/<base>-safe-<recipe digest>``, built on first
+    use (a cache is rebuilt, not refused, when its record differs)."""
     from .align import AlignConfig
     from .stage import RunContext
 
-    cfg = AlignConfig()
+    cfg = AlignConfig() if recipe is None else AlignConfig.model_validate(recipe)
     folder = cache_dir() / "models" / f"{cfg.base}-safe-{cfg.digest()}"
     return build_aligned(RunContext(out=folder.parent, force=True), cfg, folder).folder
+
+
+def _first_recipe() -> dict:
+    from .align import FIRST_RECIPE
+
+    return FIRST_RECIPE
 
 
 PRESETS: dict[str, Preset] = {
@@ -88,7 +94,15 @@ PRESETS: dict[str, Preset] = {
         "smollm2-135m-safe",
         "smollm2-135m after brittle's default safety fine-tuning recipe (LoRA, merged); built on first use",
         safe_organism,
-        "brittle align --out DIR   (the preset builds itself on first use, ~8 min on 2 CPU cores)",
+        "brittle align --out DIR   (the preset builds itself on first use, ~10 min on 2 CPU cores)",
+        built_on_first_use=True,
+    ),
+    "smollm2-135m-safe-v1": Preset(
+        "smollm2-135m-safe-v1",
+        "smollm2-135m after the first recipe (8 templated refusals, greedy own answers; the default until "
+        "2026-11-28, on which the README's earlier results were measured); built on first use",
+        lambda: safe_organism(_first_recipe()),
+        "the preset builds itself on first use, ~8 min on 2 CPU cores",
         built_on_first_use=True,
     ),
 }
