@@ -167,11 +167,10 @@ def scoring_memory_plan(model, cfg: ExperimentConfig):
     CUDA; on the CPU the machine's RAM). On a GPU, when the accumulators do not fit beside the model, the device's
     matmul rate and the host's copy-and-add rate are measured (:func:`brittle.memory.measure_rates`, a second) to
     choose between passes and host accumulators (``scores.accumulators = "auto"``), or the choice is forced."""
+    import dataclasses
     import os
 
     import torch
-
-    import dataclasses
 
     from .memory import HEADROOM, GiB, ModelShape, estimate_scoring, measure_rates, plan_scoring
     from .models import linear_modules, linear_weight
