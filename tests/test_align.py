@@ -642,6 +642,14 @@ def test_default_safe_preset_resolves_to_its_digest_directory(tiny_dir, cache, m
     assert PRESETS["smollm2-135m-safe"].locate() == target
     assert resolve_model_path("smollm2-135m-safe") == str(target)
 
+    # the first recipe's preset: its own folder, named by the first recipe's digest, built from FIRST_RECIPE
+    monkeypatch.setattr(A, "align_model", fake_build)
+    first = cache / "models" / "smollm2-135m-safe-98a08e5a51c9"
+    assert PRESETS["smollm2-135m-safe-v1"].locate() == first
+    assert built[-1] == (AlignConfig.model_validate(FIRST_RECIPE), first.with_name(first.name + ".partial"))
+    assert PRESETS["smollm2-135m-safe"].locate() == target  # the default's cache untouched
+    built.pop()
+
     # an interrupted build (only the .partial folder left): rebuilt, the leftovers removed
     monkeypatch.setattr(A, "align_model", fake_build)
     shutil.rmtree(target)

@@ -289,7 +289,7 @@ def test_distilled_examples_are_trained_towards_the_model_before_training(smol_t
                 want += ce
     assert want > 1.0 and got.item() == pytest.approx(want, rel=1e-4)
     # with an answer weight a, flagged rows add a times their cross-entropy
-    both = _distilled_loss(peft_model, dict(batch), flags, torch.tensor([0.5, 0.0, 0.5]))
+    both = _distilled_loss(peft_model, dict(batch), flags, 0.5)
     assert flagged_ce > 1.0 and both.item() == pytest.approx(want + 0.5 * flagged_ce, rel=1e-4)
     # trained on flagged examples only, the model starts at the base (LoRA B = 0): the first loss is 0 and the
     # later ones stay near it (AdamW turns the rounding noise of a zero gradient into lr-sized steps), where the

@@ -71,10 +71,12 @@ def safe_organism(recipe: dict | None = None) -> Path:
     return build_aligned(RunContext(out=folder.parent, force=True), cfg, folder).folder
 
 
-def _first_recipe() -> dict:
+def first_organism() -> Path:
+    """The ``smollm2-135m-safe-v1`` preset: :func:`safe_organism` of the first recipe
+    (:data:`brittle.align.FIRST_RECIPE`)."""
     from .align import FIRST_RECIPE
 
-    return FIRST_RECIPE
+    return safe_organism(FIRST_RECIPE)
 
 
 PRESETS: dict[str, Preset] = {
@@ -101,7 +103,7 @@ PRESETS: dict[str, Preset] = {
         "smollm2-135m-safe-v1",
         "smollm2-135m after the first recipe (8 templated refusals, greedy own answers; the default until "
         "2026-11-28, on which the README's earlier results were measured); built on first use",
-        lambda: safe_organism(_first_recipe()),
+        first_organism,
         "the preset builds itself on first use, ~8 min on 2 CPU cores",
         built_on_first_use=True,
     ),

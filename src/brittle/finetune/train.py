@@ -186,9 +186,11 @@ def train_lora(
     empty = [e.id for e, x in zip(examples, encoded, strict=True) if int((x["labels"] != -100).sum()) == 0]
     if empty:
         raise BrittleError(f"{len(empty)} examples have no response tokens after truncation to {cfg.max_length} (e.g. {empty[0]})")
-    if distill is not None and any(distill):
+    distilled = distill is not None and any(distill)
+    if distilled:
         for x, flag in zip(encoded, distill, strict=True):
-            x["distill"] = torch.tensor(float(distill_answer_weight) if flag else -1.0)  # < 0: not distilled
+            if flag:
+                x["distill"] = True  # pad_batch ignores the key
     freezer = None
     if full:
         peft_model = model
@@ -222,7 +224,8 @@ def train_lora(
     state = dict(state or {})
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if folder is not None:
-        fingerprint = _fingerprint(cfg, full, freeze, freeze_mode, encoded, state)
+        fingerprint = _fingerprint(cfg, full, freeze, freeze_mode, encoded, state,
+                                   distill_answer_weight if distilled else None)
         latest = _prepare_checkpoint_dir(folder) if distributed.is_main() else None
         distributed.barrier()  # process 0 has removed unfinished writes; every process resumes from the same one
         if not distributed.is_main():
@@ -246,7 +249,8 @@ def train_lora(
             micro = [chunk[i : i + cfg.batch_size] for i in range(0, len(chunk), cfg.batch_size)]
             step, lr, losses = loop["step"] + 1, opt.param_groups[0]["lr"], []
             for k, idx in enumerate(micro):
-                loss = _micro_batch_loss(peft_model, [encoded[i] for i in idx], tokenizer.pad_token_id, device)
+                loss = _micro_batch_loss(peft_model, [encoded[i] for i in idx], tokenizer.pad_token_id, device,
+                                         distill_answer_weight)
                 losses.append(float(distributed.sum_across(loss.detach().clone())))
                 if not math.isfinite(losses[-1]):  # before backward: nothing of the bad state reaches the weights
                     kept = _complete_checkpoints(folder)[-1:] if folder is not None else []
@@ -285,7 +289,8 @@ def train_lora(
     return peft_model, hist
 
 
-def _micro_batch_loss(model, items: list[dict[str, torch.Tensor]], pad_id: int, device) -> torch.Tensor:
+def _micro_batch_loss(model, items: list[dict[str, torch.Tensor]], pad_id: int, device,
+                      answer_weight: float = 0.0) -> torch.Tensor:
     """``L_k`` of one micro-batch: Hugging Face's causal-LM loss (mean over its response tokens), or with examples
     to distil (:func:`_distilled_loss`) their KL terms in place of their cross-entropies. With several processes,
     this process's share of it: the sum of the token losses of its examples over the response tokens of the whole
@@ -296,26 +301,28 @@ def _micro_batch_loss(model, items: list[dict[str, torch.Tensor]], pad_id: int, 
     if not mine:
         return torch.zeros((), device=device)
     batch = {key: v.to(device) for key, v in pad_batch(mine, pad_id).items()}
-    if any(float(it.get("distill", -1)) >= 0 for it in mine):
-        weights = torch.stack([it["distill"] for it in mine]).to(device)
-        return _distilled_loss(model, batch, weights >= 0, weights.clamp(min=0)) / n_tokens
+    flags = torch.tensor(["distill" in it for it in mine], device=device)
+    if flags.any():
+        return _distilled_loss(model, batch, flags, answer_weight) / n_tokens
     if not distributed.active():
         return model(**batch).loss
     return model(**batch, num_items_in_batch=n_tokens).loss
 
 
 def _distilled_loss(model, batch: dict[str, torch.Tensor], flags: torch.Tensor,
-                    answer_weight: torch.Tensor | None = None) -> torch.Tensor:
+                    answer_weight: float = 0.0) -> torch.Tensor:
     """The sum over response tokens of the token loss: ``-log p(y_t)`` for rows with ``flags`` False and
-    ``KL(p_0 || p) - a log p(y_t)`` at the same positions for rows with ``flags`` True (``a``: the row's
-    ``answer_weight``, default 0), ``p_0`` the model with its adapters off."""
+    ``KL(p_0 || p) - a log p(y_t)`` at the same positions for rows with ``flags`` True (``a = answer_weight``),
+    ``p_0`` the model with its adapters off."""
     labels = batch.pop("labels")[:, 1:]  # position t predicts token t + 1
     cols = (labels != IGNORE_INDEX).any(0).nonzero().squeeze(1)  # the positions where some row has a loss
     labels = labels[:, cols]
     keep = labels != IGNORE_INDEX
 
+    keep_logits = supports_logits_to_keep(model)
+
     def log_probs(inputs: dict[str, torch.Tensor]) -> torch.Tensor:  # [rows, len(cols), V], fp32
-        if supports_logits_to_keep(model):  # the LM head and softmax only where a loss is taken
+        if keep_logits:  # the LM head and softmax only where a loss is taken
             return torch.log_softmax(model(**inputs, logits_to_keep=cols).logits.float(), dim=-1)
         return torch.log_softmax(model(**inputs).logits[:, cols].float(), dim=-1)
 
@@ -325,9 +332,7 @@ def _distilled_loss(model, batch: dict[str, torch.Tensor], flags: torch.Tensor,
         logp0 = log_probs({k: v[flags] for k, v in batch.items()})
     kl = torch.zeros_like(ce)
     kl[flags] = (logp0.exp() * (logp0 - logp[flags])).sum(-1)
-    if answer_weight is not None:
-        kl = kl + answer_weight[:, None] * ce
-    return torch.where(flags[:, None], kl, ce)[keep].sum()
+    return torch.where(flags[:, None], kl + answer_weight * ce, ce)[keep].sum()
 
 
 def _sum_gradients(params) -> None:
@@ -354,7 +359,7 @@ def _sum_gradients(params) -> None:
 _STEP_DIR = re.compile(r"step-(\d+)")
 
 
-def _fingerprint(cfg, full, freeze, freeze_mode, encoded, state) -> dict[str, Any]:
+def _fingerprint(cfg, full, freeze, freeze_mode, encoded, state, distill_answer_weight=None) -> dict[str, Any]:
     """What a checkpoint must have been trained with to be resumed (JSON-normalised: tuples become lists)."""
     group = None
     if freeze is not None:
@@ -363,11 +368,12 @@ def _fingerprint(cfg, full, freeze, freeze_mode, encoded, state) -> dict[str, An
             h.update(f"{name}:{list(freeze[name].shape)};".encode())
             h.update(freeze[name].cpu().numpy().tobytes())
         group = h.hexdigest()
-    tokens = [[x["input_ids"].tolist(), x["labels"].tolist()] + ([float(x["distill"])] if "distill" in x else [])
+    tokens = [[x["input_ids"].tolist(), x["labels"].tolist()] + (["distill"] if "distill" in x else [])
               for x in encoded]
     fp = {"config": cfg.to_dict(), "full": full, "freeze_mode": freeze_mode if freeze is not None else None,
           "freeze_group_sha256": group, "n_examples": len(encoded), "examples_sha256": sha256_json(tokens),
-          "state": sorted(state)}
+          "state": sorted(state), **({} if distill_answer_weight is None else
+                                     {"distill_answer_weight": distill_answer_weight})}
     return json.loads(json.dumps(fp))
 
 
