@@ -252,6 +252,40 @@ def test_positions_past_the_last_loss_position_never_enter(method, monkeypatch):
     assert len(made) == 1 and batch.upto_on("cpu").tolist() == upto
 
 
+def test_response_rows_are_the_masked_rows_in_order():
+    """Wanda's and ActSVD's rows are gathered by index (no device read); they must equal ``x[mask]``, in order,
+    with the indices copied to the device once per batch."""
+    from brittle.scoring.methods import BatchInfo, response_rows
+
+    mask = torch.zeros(3, 7, dtype=torch.bool)
+    mask[0, 2:], mask[2, 1:4] = True, True
+    batch = BatchInfo((3, 7), input_mask=mask)
+    x = torch.randn(3, 7, 5)
+    assert torch.equal(response_rows(x, batch), x[mask])
+    assert response_rows(x, batch).shape == (8, 5) and len(batch._on) == 1
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_scoring_loop_reads_no_device_values(arch, tok, examples, monkeypatch):
+    """The whole scoring loop (encoding aside: batches, forward, loss, backward, hooks) and ActSVD's covariance
+    recording run on a model on PyTorch's ``meta`` device, where reading a device value raises; only the final
+    copy to the host is replaced. On a GPU each such read stalls the queue once per batch or per module. Catches
+    the loss's ``logits[pred_mask]`` and Wanda's ``x[mask]`` (the code before this test). With eager attention:
+    transformers' SDPA mask itself reads the padding mask once per forward pass (``fast_all``)."""
+    from brittle.lowrank import record_output_covariance
+    from brittle.scoring.compute import CpuCopier
+
+    monkeypatch.setattr(CpuCopier, "__call__", lambda self, t: t)
+    model = tiny_model(arch, vocab_size=VOCAB).to("meta")
+    for method in ("snip", "wanda", "snip-summed"):
+        out = compute_scores(model, tok, examples, method, batch_size=4, max_length=MAX_LEN, progress=False)
+        assert {v.device.type for v in out.values()} == {"meta"} and len(out) == len(linear_modules(model))
+    cov = record_output_covariance(model, tok, examples, batch_size=4, max_length=MAX_LEN, progress=False)
+    assert {v.device.type for v in cov.values()} == {"meta"}
+    with pytest.raises(NotImplementedError):  # the meta device does catch a read: a boolean-mask index
+        next(model.parameters())[torch.ones(1, dtype=torch.bool, device="meta")]
+
+
 def test_subset_and_passes_equal_full_run(tok, examples):
     model = tiny_model("mistral", vocab_size=VOCAB)
     full = compute_scores(model, tok, examples, "snip", batch_size=4, max_length=MAX_LEN, progress=False)

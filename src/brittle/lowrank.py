@@ -42,7 +42,7 @@ from .scoring.compute import (
     pack_passes,
     select_modules,
 )
-from .scoring.methods import WANDA_POSITIONS, activation_mask, get_method
+from .scoring.methods import WANDA_POSITIONS, BatchInfo, activation_mask, get_method, response_rows
 
 #: Where the output activations are taken: the same positions as Wanda's input statistics.
 POSITIONS = WANDA_POSITIONS
@@ -114,12 +114,12 @@ def record_output_covariance(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(batches) * len(passes), desc="output covariance", unit="batch", dynamic_ncols=True)
-    current: dict[str, torch.Tensor] = {}  # the [B, T] response mask of the batch being run
+    current: dict[str, BatchInfo] = {}  # the batch being run (its response positions)
 
     def hook_for(acc: torch.Tensor):  # one closure per module: each hook owns its accumulator
         def hook(module, args, output):
-            mask = current["mask"]
-            x = _as_btd(args[0], *mask.shape)[mask.to(args[0].device)]  # [N, d_in]
+            batch = current["batch"]
+            x = response_rows(_as_btd(args[0], *batch.shape), batch)  # [N, d_in]
             w = linear_weight(module).detach()
             a = x.to(device=acc.device, dtype=dtype) @ w.to(dtype).t()  # [N, d_out]
             acc.addmm_(a.t(), a)
@@ -140,8 +140,9 @@ def record_output_covariance(
             n_resp = 0
             try:
                 for batch in batches:
-                    current["mask"] = activation_mask(batch["labels"])
-                    n_resp += int(current["mask"].sum())
+                    mask = activation_mask(batch["labels"])
+                    current["batch"] = BatchInfo(tuple(mask.shape), input_mask=mask)
+                    n_resp += int(mask.sum())
                     with torch.no_grad():
                         model(input_ids=batch["input_ids"].to(in_device),
                               attention_mask=batch["attention_mask"].to(in_device), use_cache=False, **extra)

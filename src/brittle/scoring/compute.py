@@ -316,26 +316,27 @@ class CpuCopier:
 
 
 def _loss(model: nn.Module, batch: dict[str, torch.Tensor], pred_mask: torch.Tensor, targets: torch.Tensor,
-          inv_count: torch.Tensor, keep_logits: bool) -> torch.Tensor:
-    """sum_n L_n with L_n the mean fp32 cross-entropy of example n over its loss positions."""
+          inv_count: torch.Tensor, keep_logits: bool, out_device: torch.device) -> torch.Tensor:
+    """sum_n L_n with L_n the mean fp32 cross-entropy of example n over its loss positions.
+
+    ``pred_mask``, ``targets`` (``[B, T]``) and ``inv_count`` (``[B]``) are host tensors: the loss positions are
+    found on the host and their indices copied to the devices before the forward pass, so that nothing here waits
+    for the device (a boolean-mask index of the logits would, between the forward and the backward pass)."""
     kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
-    B, T = batch["input_ids"].shape
-    cols = None
+    B, T = pred_mask.shape
+    K = T
     if keep_logits:  # the positions where some example has a loss (1-D indices: every transformers 5 accepts them)
-        cols = pred_mask.any(0).nonzero().squeeze(1).to(batch["input_ids"].device)
-        kwargs["logits_to_keep"] = cols
+        cols = pred_mask.any(0).nonzero().squeeze(1)
+        kwargs["logits_to_keep"] = cols.to(batch["input_ids"].device)
+        pred_mask, targets, K = pred_mask[:, cols], targets[:, cols], len(cols)
+    rows, pos = pred_mask.nonzero(as_tuple=True)
+    rows_d, pos_d, tgt, w = (t.to(out_device) for t in (rows, pos, targets[rows, pos], inv_count[rows]))
     logits = model(**kwargs).logits
-    K = T if cols is None else len(cols)
     if logits.dim() != 3 or logits.shape[:2] != (B, K):
         raise BrittleError(f"unexpected logits shape {tuple(logits.shape)} for a batch of {B}x{T} ({K} positions kept)")
-    if cols is not None:
-        pred_mask, targets = pred_mask[:, cols.to(pred_mask.device)], targets[:, cols.to(targets.device)]
-    sel = logits[pred_mask.to(logits.device)]
-    mask = pred_mask.to(sel.device)
-    tgt = targets.to(sel.device)[mask]
-    ce = F.cross_entropy(sel.to(torch.float32), tgt, reduction="none")
-    w = inv_count.to(sel.device)[mask.nonzero()[:, 0]]
-    return (ce * w).sum()
+    sel = logits[rows_d.to(logits.device), pos_d.to(logits.device)]  # no copy: the head's device is out_device
+    ce = F.cross_entropy(sel.to(torch.float32), tgt.to(sel.device), reduction="none")
+    return (ce * w.to(sel.device)).sum()
 
 
 def compute_scores(
@@ -447,13 +448,13 @@ def compute_scores(
                         inv_count = 1.0 / counts.to(torch.float32)
                         root_state.update(active=True, rooted=False)
                         with torch.enable_grad():
-                            loss = _loss(model, batch, pred_mask.to(out_device), targets, inv_count, keep_logits)
+                            loss = _loss(model, batch, pred_mask, targets, inv_count, keep_logits, out_device)
                             if not loss.requires_grad:
                                 # The block pre-hook found no hidden state to root the graph on: root it at the embeddings.
                                 for h in root_handles:
                                     h.remove()
                                 root_handles = [model.get_input_embeddings().register_forward_hook(_embedding_hook(root_state))]
-                                loss = _loss(model, batch, pred_mask.to(out_device), targets, inv_count, keep_logits)
+                                loss = _loss(model, batch, pred_mask, targets, inv_count, keep_logits, out_device)
                                 if not loss.requires_grad:
                                     raise BrittleError(f"cannot build the backward graph of {type(model).__name__}")
                             loss.backward()

@@ -41,22 +41,41 @@ def activation_mask(labels: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class BatchInfo:
-    """What a method may read about the current (right-padded) batch of ``B`` examples of ``T`` tokens."""
+    """What a method may read about the current (right-padded) batch of ``B`` examples of ``T`` tokens.
+
+    The per-batch index tensors a hook needs are made on the host and copied to each device once per batch
+    (:meth:`upto_on`, :meth:`input_positions_on`): a host-to-device copy, a boolean-mask index or an ``.item()``
+    waits for the GPU to finish its queued work, and one per module hook kept the GPU scorer CPU-bound. The
+    hooks' arithmetic reads no device values (tested on PyTorch's ``meta`` device, where any such read raises)."""
 
     shape: tuple[int, int]
     #: gradient methods: per example, one past its last loss position (0: no loss position).
     upto: list[int] | None = None
-    #: activation methods: ``[B, T]`` bool, the positions whose input token is a response token.
+    #: activation methods: ``[B, T]`` bool on the host, the positions whose input token is a response token.
     input_mask: torch.Tensor | None = None
-    _upto_on: dict[torch.device, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+    _on: dict[tuple[str, torch.device], torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+
+    def _copied(self, what: str, device: torch.device, make) -> torch.Tensor:
+        key = (what, torch.device(device))
+        if key not in self._on:
+            self._on[key] = make().to(key[1])
+        return self._on[key]
 
     def upto_on(self, device: torch.device) -> torch.Tensor:
-        """:attr:`upto` as an int32 tensor on ``device``, copied once per batch and device: a host-to-device copy
-        waits for the GPU to finish its queued work, and one per module hook kept the GPU scorer CPU-bound."""
-        device = torch.device(device)
-        if device not in self._upto_on:
-            self._upto_on[device] = torch.tensor(self.upto, dtype=torch.int32).to(device)
-        return self._upto_on[device]
+        """:attr:`upto` as an int32 tensor on ``device`` (copied once per batch and device)."""
+        return self._copied("upto", device, lambda: torch.tensor(self.upto, dtype=torch.int32))
+
+    def input_positions_on(self, device: torch.device) -> torch.Tensor:
+        """The flat indices ``b * T + t`` of :attr:`input_mask`'s positions, int64, ascending, on ``device``
+        (copied once per batch and device)."""
+        return self._copied("positions", device, lambda: self.input_mask.reshape(-1).nonzero().squeeze(1))
+
+
+def response_rows(x: torch.Tensor, batch: BatchInfo) -> torch.Tensor:
+    """``[N, d]``: the rows of a layer input ``x`` (``[B, T, d]``) at the batch's :attr:`BatchInfo.input_mask`
+    positions, in row-major order; by an index gather, so the output size is known without reading the mask on
+    the device."""
+    return x.reshape(-1, x.shape[-1]).index_select(0, batch.input_positions_on(x.device))
 
 
 class ScoreMethod:
@@ -202,7 +221,7 @@ class Wanda(ScoreMethod):
         return (weight_shape[1],)
 
     def accumulate(self, acc, x, g, batch, work=None):
-        xs = x[batch.input_mask.to(x.device)].to(torch.float32)  # [N, d_in]
+        xs = response_rows(x, batch).to(torch.float32)  # [N, d_in]
         acc.add_((xs * xs).sum(0))
 
     def finish(self, acc, weight):
