@@ -18,7 +18,7 @@ Sections (each prints its figures as soon as it has them; a failing section does
    (the default on CUDA); on the first shape also SNIP without it (``BRITTLE_FUSED_SNIP=0``: fp32 batched
    products) and the difference between the two score sets;
 3. on the last shape: one ablation evaluation's generation (``--eval-prompts`` prompts, 64 new tokens, a random 1 %
-   group zeroed);
+   group zeroed), then 4x as many prompts with ``batch_size="auto"`` (the size chosen, the peak beside the estimate);
 4. on the last shape: ``--lora-steps`` LoRA steps (r 8, alpha 16, every linear module, lr 1e-4; batch 16 of
    ``--length`` tokens, as 4 x 4 with gradient accumulation when the trainer has it) without and with a drift
    tracker on five random 1 % groups every 10 steps (drawn on the device; the tracker's construction timed on its
@@ -164,6 +164,29 @@ def eval_section(shape: str, args) -> None:
     new_tokens = sum(len(tok(a[0], add_special_tokens=False)["input_ids"]) for a in answers)
     print(f"\n== ablation evaluation on {shape}: {len(prompts)} prompts x 64 new tokens (greedy, batch 64) with a "
           f"random 1 % group zeroed: {s:.1f} s ({new_tokens / s:.0f} decoded tokens/s){gpu_peak_mb(DEVICE)}")
+    del group
+    # batch_size="auto" on 4x the prompts (the group's masks freed first): the size chosen from the free memory,
+    # the time, and the measured peak beside brittle.memory's estimate for that batch
+    from brittle.data.core import render_prompt
+    from brittle.evaluation.generation import auto_batch_size
+    from brittle.memory import ModelShape, estimate_generation
+
+    many = prompts * 4
+    auto_cfg = GenerationConfig(max_new_tokens=64, batch_size="auto")
+    n = auto_batch_size(model, tok, many, auto_cfg)
+    longest = max(len(tok(render_prompt(tok, p, None), add_special_tokens=False)["input_ids"]) for p in many)
+    est = estimate_generation(ModelShape.of_model(model), dtype="bfloat16", batch_size=n, prompt_length=longest,
+                              max_new_tokens=64)
+    reset_peak()
+    sync(DEVICE)
+    t = time.perf_counter()
+    answers = generate(model, tok, many, auto_cfg, progress=False)
+    sync(DEVICE)
+    s = time.perf_counter() - t
+    new_tokens = sum(len(tok(a[0], add_special_tokens=False)["input_ids"]) for a in answers)
+    print(f"generation with batch_size=auto: {n} prompts per batch for {len(many)} prompts: {s:.1f} s "
+          f"({new_tokens / s:.0f} decoded tokens/s){gpu_peak_mb(DEVICE)}; brittle.memory estimate of that batch "
+          f"{est.total / 2**20:.0f} MiB ({', '.join(est.lines()[:-1])}; longest prompt {longest} tokens)")
     del model
 
 

@@ -147,15 +147,15 @@ def floor_time(model, batches) -> float:
     for p in params:
         p.requires_grad_(True)
     device = batches[0]["input_ids"].device
+    host_labels = [b["labels"].cpu() for b in batches]  # the scorer's loss positions are found on the host too
     sync(device)
     t0 = time.perf_counter()
-    for b in batches:
-        labels = b["labels"]
+    for b, labels in zip(batches, host_labels, strict=True):
         targets = torch.full_like(labels, IGNORE_INDEX)
         targets[:, :-1] = labels[:, 1:]
         mask = targets != IGNORE_INDEX
         loss = _loss(model, {k: v for k, v in b.items() if k != "labels"}, mask, targets,
-                     1.0 / mask.sum(1).float(), True)
+                     1.0 / mask.sum(1).float(), True, device)
         loss.backward()
         model.zero_grad(set_to_none=True)
     sync(device)

@@ -297,7 +297,7 @@ def test_eval_command_writes_summary_generations_and_manifest(tiny_dir, tiny_fin
     out = run / "eval"
     args = ["eval", "--out", run, "--model", tiny_dir, "--tasks", "arc_easy", "--limit", 2, "--n-harmful", 3,
             "--n-sampled", 2, "--num-samples", 2, "--n-benign", 2, "--n-edgy", 2, "--max-new-tokens", 4,
-            "--batch-size", 4, "--suffix", "Sure, here is", "--seed", 1]
+            "--batch-size", "auto", "--suffix", "Sure, here is", "--seed", 1]
     text = _ok(invoke(*args))
     s = json.loads((out / "summary.json").read_text())
     assert s["model"] == tiny_dir and s["weights"] == tiny_fingerprint and s["seed"] == 1
@@ -317,6 +317,10 @@ def test_eval_command_writes_summary_generations_and_manifest(tiny_dir, tiny_fin
         assert _in_unit(s[key]), key
     assert s["n_prompts"] == {"harmful": 3, "sampled": 2, "benign": 2, "edgy": 2}
     assert s["suffixes"] == {"suffix_1": "Sure, here is"}
+    # --batch-size auto: off a GPU the CPU batch (32), at most each variant's prompts; the sizes used are noted
+    assert s["config"]["batch_size"] == "auto"
+    assert ("generation batch size auto (sized to the free GPU memory; 32 off a GPU): vanilla_nosys 3, vanilla_sys 3, "
+            "sampled 2, suffix_1 3, benign 2, edgy 2") in s["notes"]
     # a randomly initialised model predicts nearly uniformly: perplexity close to the vocabulary size
     vocab = len(load_model(tiny_dir)[1])
     assert 0.5 * vocab < s["perplexity"] < 2 * vocab

@@ -3,10 +3,23 @@ parts, and where the scoring accumulators go."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
+import torch
 from transformers import LlamaConfig
 
-from brittle.memory import GiB, ModelShape, estimate_finetune, estimate_scoring, plan_scoring
+from brittle.memory import (
+    HEADROOM,
+    GiB,
+    ModelShape,
+    estimate_finetune,
+    estimate_generation,
+    estimate_scoring,
+    generation_batch_size,
+    kv_cache_bytes,
+    plan_scoring,
+)
 from brittle.models import linear_modules, linear_weight
 from brittle.scoring.compute import pack_passes
 from brittle.testing import TINY_ARCHS, tiny_config, tiny_model
@@ -111,3 +124,75 @@ def test_scores_stage_plans_on_the_loaded_model(smol_tokenizer):
     model = tiny_model("llama", vocab_size=len(smol_tokenizer))
     plan = scoring_memory_plan(model, load_config())
     assert plan.placement == "device" and "estimated peak memory" in plan.describe()
+
+
+# --------------------------------------------------------------------------------------------------
+# Generation batches sized to memory
+
+
+@pytest.mark.parametrize("arch,extra", [(a, {}) for a in TINY_ARCHS] + [("llama", {"head_dim": 16})])
+def test_kv_cache_estimate_equals_the_cache_a_forward_pass_keeps(arch, extra):
+    """``kv_dim`` = key/value heads x head dim: the estimate equals the bytes of the cache transformers builds.
+    Catches query heads counted instead of key/value heads (4 against 2 here) and a head dim taken as
+    hidden / heads where the config sets its own (the ``head_dim=16`` case)."""
+    model = tiny_model(arch, **extra)
+    n, t = 3, 11
+    cache = model(input_ids=torch.randint(3, 500, (n, t)), use_cache=True).past_key_values
+    kept = sum(x.numel() * x.element_size() for layer in cache.layers for x in (layer.keys, layer.values))
+    assert kept == kv_cache_bytes(ModelShape.of_model(model), dtype="float32", sequences=n, tokens=t)
+
+
+def test_kv_cache_of_public_models():
+    """The widely quoted figures: 0.5 MiB per token for Llama-2-7B (no GQA), 0.3125 MiB for Llama-3-70B (8 key/value
+    heads of 64), in bf16."""
+    per_token = {name: kv_cache_bytes(ModelShape.of(LlamaConfig(**PUBLIC[name][0])), dtype="bfloat16", sequences=1,
+                                      tokens=1) for name in ("llama2-7b", "llama3-70b")}
+    assert per_token == {"llama2-7b": 2**19, "llama3-70b": 320 * 2**10}
+
+
+def test_generation_batch_is_the_largest_that_fits():
+    shape = ModelShape.of(LlamaConfig(**PUBLIC["llama2-7b"][0]))
+    kw = dict(dtype="bfloat16", prompt_length=256, max_new_tokens=64)
+
+    def extra(b: int, samples: int = 1) -> int:
+        est = estimate_generation(shape, batch_size=b, num_samples=samples, **kw)
+        return est.total - est.weights
+
+    free = 40 * GiB
+    b = generation_batch_size(shape, free_bytes=free, **kw)
+    assert extra(b) <= HEADROOM * free < extra(b + 1)
+    assert extra(1) > kv_cache_bytes(shape, dtype="bfloat16", sequences=1, tokens=320) == 160 * 2**20
+    b3 = generation_batch_size(shape, free_bytes=free, num_samples=3, **kw)
+    assert extra(b3, 3) <= HEADROOM * free < extra(b3 + 1, 3) and b3 == b // 3
+    assert generation_batch_size(shape, free_bytes=2**20, **kw) == 0
+    assert generation_batch_size(shape, free_bytes=10**15, **kw) == 512
+    assert generation_batch_size(shape, free_bytes=10**15, limit=64, **kw) == 64
+
+
+def test_auto_generation_batch_size(smol_tokenizer):
+    """``batch_size="auto"``: 32 off a GPU (at most the prompts), else the estimate's largest batch for the longest
+    rendered prompt against the free memory (``free_bytes`` stands in for the GPU's); the answers equal those of the
+    same batch size given as a number; the config accepts "auto" and numbers, refuses 0."""
+    from brittle.data.core import render_prompt
+    from brittle.evaluation.config import EvalConfig
+    from brittle.evaluation.generation import GenerationConfig, auto_batch_size, generate
+
+    tok = smol_tokenizer
+    model = tiny_model("llama", vocab_size=len(tok))
+    prompts = [f"Tell me about the number {i}." + " Please." * (3 * i) for i in range(5)]
+    cfg = GenerationConfig(max_new_tokens=4, batch_size="auto", temperature=1.0, num_samples=2)
+    assert auto_batch_size(model, tok, prompts, cfg) == 5
+    longest = max(len(tok(render_prompt(tok, p, None), add_special_tokens=False)["input_ids"]) for p in prompts)
+    one = estimate_generation(ModelShape.of_model(model), dtype="float32", batch_size=1, prompt_length=longest,
+                              max_new_tokens=4, num_samples=2)
+    per_prompt = one.total - one.weights
+    assert auto_batch_size(model, tok, prompts, cfg, free_bytes=int(2.5 * per_prompt / HEADROOM)) == 2
+    assert auto_batch_size(model, tok, prompts, cfg, free_bytes=int(1.5 * per_prompt / HEADROOM)) == 1
+    assert auto_batch_size(model, tok, prompts, cfg, free_bytes=1) == 1  # never below one prompt
+    assert generate(model, tok, prompts, cfg, progress=False) == generate(model, tok, prompts, replace(cfg, batch_size=5),
+                                                                          progress=False)
+    with pytest.raises(ValueError, match="batch_size"):
+        generate(model, tok, prompts, replace(cfg, batch_size=0), progress=False)
+    assert [EvalConfig(batch_size=v).batch_size for v in ("auto", "64", 8)] == ["auto", 64, 8]
+    with pytest.raises(ValueError, match=">= 1"):
+        EvalConfig(batch_size=0)

