@@ -43,9 +43,13 @@ def _run(sets, out, force=False, logs=None):
 def test_stage_writes_adapter_loss_drift_and_evaluations_and_keeps_frozen_entries(setup):
     sets, tmp_path = setup
     out = tmp_path / "run"
-    results = _run(sets, out)
+    first_logs: list[str] = []
+    results = _run(sets, out, logs=first_logs)
     ft = results["finetune"]
     folder = ft.folder
+    # the memory estimate is logged before training, with the drift tracker's entries
+    assert any(line.startswith("[finetune] estimated peak memory: weights") and ", tracking " in line
+               for line in first_logs)
     for name in ("adapter/adapter_config.json", "adapter/freeze_mask.safetensors", "loss.csv", "loss.png",
                  "drift/drift.parquet", "eval/before/summary.json", "eval/after/summary.json", "merged/config.json",
                  "train_history.json", "manifest.json"):

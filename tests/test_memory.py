@@ -18,6 +18,7 @@ from brittle.memory import (
     estimate_scoring,
     generation_batch_size,
     kv_cache_bytes,
+    describe,
     plan_scoring,
 )
 from brittle.models import linear_modules, linear_weight
@@ -196,3 +197,19 @@ def test_auto_generation_batch_size(smol_tokenizer):
     assert [EvalConfig(batch_size=v).batch_size for v in ("auto", "64", 8)] == ["auto", 64, 8]
     with pytest.raises(ValueError, match=">= 1"):
         EvalConfig(batch_size=0)
+
+
+def test_finetune_estimate_with_checkpointing_and_tracking():
+    """Gradient checkpointing keeps each layer's input plus one layer's activations (and one layer's fp32 input
+    casts); a drift tracker adds 20 bytes per tracked entry; a total over 90 % of the device is flagged."""
+    shape = ModelShape.of(LlamaConfig(**PUBLIC["llama2-7b"][0]))
+    kw = dict(dtype="bfloat16", batch_size=4, max_length=512)
+    plain = estimate_finetune(shape, **kw)
+    ckpt = estimate_finetune(shape, gradient_checkpointing=True, tracked_entries=10**9, **kw)
+    casts = 4 * 4 * 512 * sum(i for _, i in shape.linear_shapes)
+    layer = 2 * 4 * 512 * (10 * 4096 + 4 * 11008)
+    assert plain.activations == 32 * layer + casts
+    assert ckpt.activations == 2 * 4 * 512 * 32 * 4096 + layer + casts // 32
+    assert ckpt.tracking == 20 * 10**9 and ckpt.total - ckpt.tracking < plain.total
+    assert describe(plain, 80 * GiB).startswith("estimated peak memory: weights 12.55 GiB")
+    assert "out-of-memory" not in describe(plain, 80 * GiB) and "out-of-memory" in describe(plain, 16 * GiB)

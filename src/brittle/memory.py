@@ -112,11 +112,12 @@ class MemoryEstimate:
     logits: int = 0
     training_state: int = 0
     kv_cache: int = 0
+    tracking: int = 0
 
     @property
     def total(self) -> int:
         return (self.weights + self.accumulators + self.workspace + self.activations + self.logits
-                + self.training_state + self.kv_cache)
+                + self.training_state + self.kv_cache + self.tracking)
 
     def lines(self) -> list[str]:
         parts = {k: v for k, v in asdict(self).items() if v}
@@ -145,13 +146,43 @@ def estimate_scoring(shape: ModelShape, *, dtype: str, method: str, batch_size: 
 
 
 def estimate_finetune(shape: ModelShape, *, dtype: str, batch_size: int, max_length: int, full: bool = False,
-                      rank: int = 8) -> MemoryEstimate:
-    """Peak memory of one training step of :func:`brittle.finetune.train_lora`."""
+                      rank: int = 8, gradient_checkpointing: bool = False, tracked_entries: int = 0) -> MemoryEstimate:
+    """Peak memory of one training step of :func:`brittle.finetune.train_lora`. With gradient checkpointing the
+    backward pass keeps each layer's input (``w * B * T * L * h``) and recomputes one layer at a time (one layer's
+    activations on top); a drift tracker (:class:`brittle.drift.DriftTracker`) on ``tracked_entries`` weight entries
+    keeps 20 bytes per entry on the weights' device (``W_0``, its statistics context, the last and the next
+    ``Delta``)."""
     w = dtype_bytes(dtype)
     state = 3 * w * shape.params if full else 4 * 4 * rank * sum(o + i for o, i in shape.linear_shapes)
     casts = 0 if full or w == 4 else 4 * batch_size * max_length * sum(i for _, i in shape.linear_shapes)
-    return MemoryEstimate(weights=w * shape.params, activations=_activations(shape, w, batch_size, max_length) + casts,
-                          logits=(w + 4) * batch_size * max_length * shape.vocab, training_state=state)
+    acts = _activations(shape, w, batch_size, max_length)
+    if gradient_checkpointing:
+        acts = w * batch_size * max_length * shape.layers * shape.hidden + acts // shape.layers
+        casts //= shape.layers
+    return MemoryEstimate(weights=w * shape.params, activations=acts + casts,
+                          logits=(w + 4) * batch_size * max_length * shape.vocab, training_state=state,
+                          tracking=20 * tracked_entries)
+
+
+def device_bytes(device: Any) -> int:
+    """Total memory of ``device``: the GPU's, or the machine's RAM for the CPU."""
+    import os
+
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def describe(estimate: MemoryEstimate, total_bytes: int, *, warn: bool = True) -> str:
+    """``estimated peak memory: <parts>, total <x> GiB (device <y> GiB)``, and (``warn``) a warning when the total
+    is over 90 % of the device."""
+    line = f"estimated peak memory: {', '.join(estimate.lines())} (device {total_bytes / GiB:.0f} GiB)"
+    if warn and estimate.total > HEADROOM * total_bytes:
+        line += " -- more than 90 % of the device: expect an out-of-memory error"
+    return line
 
 
 #: Upper bound on a generation batch chosen from memory (prompts): past it a batch gains little throughput.
@@ -244,7 +275,7 @@ class ScoringPlan:
     seconds_per_batch: dict[str, float] | None = None
 
     def describe(self) -> str:
-        head = f"estimated peak memory: {', '.join(self.estimate.lines())} (device {self.device_bytes / GiB:.0f} GiB)"
+        head = describe(self.estimate, self.device_bytes, warn=False)
         cost = ""
         if self.seconds_per_batch:
             cost = " (estimated extra seconds per batch: " + ", ".join(

@@ -168,11 +168,10 @@ def scoring_memory_plan(model, cfg: ExperimentConfig):
     matmul rate and the host's copy-and-add rate are measured (:func:`brittle.memory.measure_rates`, a second) to
     choose between passes and host accumulators (``scores.accumulators = "auto"``), or the choice is forced."""
     import dataclasses
-    import os
 
     import torch
 
-    from .memory import HEADROOM, GiB, ModelShape, estimate_scoring, measure_rates, plan_scoring
+    from .memory import HEADROOM, GiB, ModelShape, device_bytes, estimate_scoring, measure_rates, plan_scoring
     from .models import linear_modules, linear_weight
     from .scoring.kernels import fused_available
 
@@ -182,9 +181,9 @@ def scoring_memory_plan(model, cfg: ExperimentConfig):
     probe = torch.empty(0, device=w.device, dtype=w.dtype)
     est = estimate_scoring(shape, dtype=cfg.dtype, method=sc.method, batch_size=sc.batch_size, max_length=sc.max_length,
                            fused=fused_available(probe.float(), probe, probe))
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    ram = device_bytes("cpu")
     on_gpu = w.device.type == "cuda"
-    total = torch.cuda.get_device_properties(w.device).total_memory if on_gpu else ram
+    total = device_bytes(w.device)
     sizes = shape.accumulator_bytes(sc.method)
     plan = plan_scoring(est, total, sizes)
     if not on_gpu or plan.placement == "does not fit" or sc.accumulators == "device":

@@ -225,6 +225,22 @@ def eval_change(before: Mapping[str, Any] | None, after: Mapping[str, Any]) -> d
     return out
 
 
+def finetune_memory(model, train_config: LoraTrainConfig, *, full: bool,
+                    track: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> str:
+    """The estimated peak memory of the fine-tuning (:func:`brittle.memory.estimate_finetune`: a micro-batch of
+    ``batch_size`` x ``max_length`` tokens, the adapters or the full model's optimiser state, the drift tracker's
+    entries) against the weights' device, as one log line."""
+    from ..memory import ModelShape, describe, device_bytes, estimate_finetune
+
+    weight = next(model.parameters())
+    tracked = sum(int(m.sum()) for group in (track or {}).values() for m in group.values())
+    est = estimate_finetune(ModelShape.of_model(model), dtype=str(weight.dtype).removeprefix("torch."),
+                            batch_size=train_config.batch_size, max_length=train_config.max_length, full=full,
+                            rank=train_config.r, gradient_checkpointing=train_config.gradient_checkpointing,
+                            tracked_entries=tracked)
+    return describe(est, device_bytes(weight.device))
+
+
 def run_finetune(model, tokenizer, examples: Sequence[Example], cfg: FinetuneConfig, folder: Path, *,
                  train_config: FinetuneTrainConfig, freeze: Mapping[str, torch.Tensor] | None,
                  track: Mapping[str, Mapping[str, torch.Tensor]], checkpoint_dir: Path | None,
@@ -251,6 +267,7 @@ def run_finetune(model, tokenizer, examples: Sequence[Example], cfg: FinetuneCon
         log("[finetune] evaluating the model before fine-tuning")
         before = evaluate_model(model, tokenizer, folder / "eval" / "before", eval_config, overwrite=True,
                                 progress=progress, _inputs=inputs)
+    log(f"[finetune] {finetune_memory(model, train_config, full=cfg.full, track=track)}")
     tracker = DriftTracker(model, track, every=cfg.drift_every, seed=train_config.seed) if track else None
     log(f"[finetune] {'full' if cfg.full else 'LoRA'} fine-tuning on {len(examples)} examples"
         + (f", {cfg.freeze_mode}-frozen group" if freeze is not None else "")
