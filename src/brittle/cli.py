@@ -522,6 +522,7 @@ def eval_cmd(
     batch_size: Annotated[str | None, opt("eval.batch_size", "--batch-size", help="Generation batch size (prompts), or auto: sized to the free GPU memory.")] = None,
     system_prompt: Annotated[str | None, opt("eval.system_prompt", "--system-prompt", help="System prompt of the 'with system prompt' variant ('llama2' = Llama-2's official one; none: the chat template's own).")] = None,
     device: Annotated[str | None, opt("device", "--device")] = None,
+    dtype: Annotated[str | None, opt("dtype", "--dtype")] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's choice; 1 is faster on a busy shared CPU).")] = None,
     seed: SeedOpt = None,
     force: ForceOpt = False,
@@ -541,7 +542,7 @@ def eval_cmd(
         suffixes = load_suffixes(suffix_file, suffix or [])
     judges = None if extra_judge is None else [j for j in extra_judge if j != "none"]
     run_stages(out, ["eval"], given(
-        model=model, seed=seed, device=device, eval__judge=judge, eval__extra_judges=judges,
+        model=model, seed=seed, device=device, dtype=dtype, eval__judge=judge, eval__extra_judges=judges,
         eval__limit=None if limit is None else (limit or None), eval__tasks=task_list, eval__harmful=harmful,
         eval__n_harmful=n_harmful, eval__n_sampled=n_sampled, eval__num_samples=num_samples,
         eval__temperature=temperature, eval__suffixes=suffixes, eval__refusal_sets=refusal_set,
