@@ -252,6 +252,30 @@ def test_positions_past_the_last_loss_position_never_enter(method, monkeypatch):
     assert len(made) == 1 and batch.upto_on("cpu").tolist() == upto
 
 
+def test_fused_kernel_path_gets_whole_inputs_and_lengths(tok, examples, monkeypatch):
+    """On CUDA the fused kernel gets the layer's whole input and output gradient with each example's length and
+    masks by length itself (no window copied out first). The wiring, checked on the CPU with a float64 stand-in of
+    the kernel's documented arithmetic: its scores equal the batched-product path's (catches wrong lengths), and it
+    was given all T positions of a batch, more than the longest window (catches a window still cut out)."""
+    from brittle.scoring import kernels
+
+    calls = []
+
+    def stand_in(acc, g, x, lengths):
+        assert g.shape[:2] == x.shape[:2] and lengths.dtype == torch.int32 and len(lengths) == g.shape[0]
+        calls.append((x.shape[1], int(lengths.max())))
+        gd, xd = g.double(), x.double()
+        acc += sum((gd[n, :k].t() @ xd[n, :k]).abs() for n, k in enumerate(lengths.tolist())).to(acc.dtype)
+
+    model = tiny_model("llama", vocab_size=VOCAB)
+    plain = compute_scores(model, tok, examples, "snip", batch_size=4, max_length=MAX_LEN, progress=False)
+    monkeypatch.setattr(kernels, "fused_available", lambda acc, x, g: True)
+    monkeypatch.setattr(kernels, "add_abs_example_grads", stand_in)
+    fused = compute_scores(model, tok, examples, "snip", batch_size=4, max_length=MAX_LEN, progress=False)
+    assert max_rel_error(fused, plain) < REORDER_TOL
+    assert calls and all(T >= k for T, k in calls) and any(T > k for T, k in calls)  # whole inputs, not windows
+
+
 def test_response_rows_are_the_masked_rows_in_order():
     """Wanda's and ActSVD's rows are gathered by index (no device read); they must equal ``x[mask]``, in order,
     with the indices copied to the device once per batch."""

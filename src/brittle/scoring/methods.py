@@ -65,6 +65,12 @@ class BatchInfo:
         """:attr:`upto` as an int32 tensor on ``device`` (copied once per batch and device)."""
         return self._copied("upto", device, lambda: torch.tensor(self.upto, dtype=torch.int32))
 
+    def window_on(self, device: torch.device) -> torch.Tensor:
+        """``[B, T', 1]`` bool on ``device``, ``T' = max(upto)``: position ``t`` of example ``n`` is in its gradient
+        window (``t < upto[n]``); made once per batch and device."""
+        return self._copied("window", device, lambda: (torch.arange(max(self.upto)).unsqueeze(0)
+                                                       < torch.tensor(self.upto).unsqueeze(1)).unsqueeze(-1))
+
     def input_positions_on(self, device: torch.device) -> torch.Tensor:
         """The flat indices ``b * T + t`` of :attr:`input_mask`'s positions, int64, ascending, on ``device``
         (copied once per batch and device)."""
@@ -140,11 +146,9 @@ def _response_window(x: torch.Tensor, g: torch.Tensor, batch: BatchInfo) -> tupl
     """``x`` and ``g`` cut to the batch's last loss position, positions past each example's own last loss
     position zeroed. ``g`` is already zero there (a later position cannot change an earlier loss under causal
     attention); zeroing ``x`` too keeps a non-finite padding activation from turning ``0 * x`` into NaN."""
-    T = max(batch.upto)
-    keep = torch.arange(T, device=x.device).unsqueeze(0) < batch.upto_on(x.device).unsqueeze(1)
-    keep = keep.unsqueeze(-1)
-    zero = torch.zeros((), dtype=x.dtype, device=x.device)
-    return torch.where(keep, x[:, :T], zero), torch.where(keep.to(g.device), g[:, :T], zero.to(g.device))
+    keep = batch.window_on(x.device)
+    T = keep.shape[1]
+    return x[:, :T].where(keep, 0.0), g[:, :T].where(batch.window_on(g.device), 0.0)
 
 
 class Snip(ScoreMethod):
@@ -169,10 +173,11 @@ class Snip(ScoreMethod):
     def accumulate(self, acc, x, g, batch, work=None):
         from . import kernels
 
-        x, g = _response_window(x, g.to(x.device), batch)
-        if kernels.fused_available(acc, x, g):
+        g = g.to(x.device)
+        if kernels.fused_available(acc, x, g):  # the kernel reads only positions t < upto[n]: no window to cut out
             kernels.add_abs_example_grads(acc, g, x, batch.upto_on(acc.device))
             return
+        x, g = _response_window(x, g, batch)
         x = x.to(device=acc.device, dtype=torch.float32)
         g = g.to(device=acc.device, dtype=torch.float32)
         d_out, d_in = acc.shape
