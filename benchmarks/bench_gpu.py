@@ -16,7 +16,8 @@ Sections (each prints its figures as soon as it has them; a failing section does
 2. per shape: SNIP (with brittle.memory's estimate beside the measured peak) on ``--examples`` x ``--length`` tokens (bf16 model, fp32 accumulators), the plain
    forward+backward floor over the same batches, their ratio, peak GPU memory, with the fused kernel
    (the default on CUDA); on the first shape also SNIP without it (``BRITTLE_FUSED_SNIP=0``: fp32 batched
-   products) and the difference between the two score sets;
+   products) and the difference between the two score sets, and SNIP with the accumulators in host memory beside
+   the memory planner's cost model for it;
 3. on the last shape: one ablation evaluation's generation (``--eval-prompts`` prompts, 64 new tokens, a random 1 %
    group zeroed), then 4x as many prompts with ``batch_size="auto"`` (the size chosen, the peak beside the estimate);
 4. on the last shape: ``--lora-steps`` LoRA steps (r 8, alpha 16, every linear module, lr 1e-4; batch 16 of
@@ -140,7 +141,32 @@ def snip_section(shape: str, args, first: bool) -> None:
         print(f"SNIP without the fused kernel (fp32 batched products): {plain_s:.2f} s = {plain_s / floor_s:.2f} x floor; "
               f"max over modules of max|fused - unfused| / max|unfused| = {worst:.2e}")
         del plain
+        host_section(model, tok, examples, kw, snip_s, fused)
     del fused, model
+
+
+def host_section(model, tok, examples, kw, device_s: float, device_scores) -> None:
+    """SNIP with the accumulators in host memory (``--accumulators host``) against the same run on the device, and
+    the memory planner's cost model for it: ``4 * P_lin / R_host`` seconds per batch, with ``R_host`` measured by
+    ``brittle.memory.measure_rates``."""
+    from brittle.memory import ModelShape, measure_rates
+    from brittle.models import linear_modules, linear_weight
+
+    w = linear_weight(next(iter(linear_modules(model).values())))
+    flops, host_rate = measure_rates(w.device, w.dtype)
+    reset_peak()
+    sync(DEVICE)
+    t = time.perf_counter()
+    host = compute_scores(model, tok, examples, "snip", host_accumulators=True, **kw)
+    sync(DEVICE)
+    host_s = time.perf_counter() - t
+    n_batches = -(-len(examples) // kw["batch_size"])
+    predicted = 4 * ModelShape.of_model(model).linear_params / host_rate
+    worst = max(((host[n] - device_scores[n]).abs().max() / device_scores[n].abs().max()).item() for n in host)
+    print(f"SNIP with host accumulators: {host_s:.2f} s against {device_s:.2f} s on the device, "
+          f"{(host_s - device_s) / n_batches:.3f} s more per batch; planner's model 4 P_lin / R_host = {predicted:.3f} s "
+          f"per batch (R_host {host_rate / 2**30:.1f} GiB/s, matmul {flops / 1e12:.3g} TFLOP/s){gpu_peak_mb(DEVICE)}; "
+          f"max|host - device| / max|device| = {worst:.2e}")
 
 
 def eval_section(shape: str, args) -> None:
