@@ -200,7 +200,7 @@ def test_auto_generation_batch_size(smol_tokenizer):
 
 
 def test_finetune_estimate_with_checkpointing_and_tracking():
-    """Gradient checkpointing keeps each layer's input plus one layer's activations (and one layer's fp32 input
+    """Fine-tuning and SNIP: gradient checkpointing keeps each layer's input plus one layer's activations (and one layer's fp32 input
     casts); a drift tracker adds 20 bytes per tracked entry; a total over 90 % of the device is flagged."""
     shape = ModelShape.of(LlamaConfig(**PUBLIC["llama2-7b"][0]))
     kw = dict(dtype="bfloat16", batch_size=4, max_length=512)
@@ -211,5 +211,9 @@ def test_finetune_estimate_with_checkpointing_and_tracking():
     assert plain.activations == 32 * layer + casts
     assert ckpt.activations == 2 * 4 * 512 * 32 * 4096 + layer + casts // 32
     assert ckpt.tracking == 20 * 10**9 and ckpt.total - ckpt.tracking < plain.total
+    snip = estimate_scoring(shape, dtype="bfloat16", method="snip", batch_size=8, max_length=512)
+    snip_ckpt = estimate_scoring(shape, dtype="bfloat16", method="snip", batch_size=8, max_length=512,
+                                 gradient_checkpointing=True)
+    assert snip_ckpt.activations == 2 * 8 * 512 * 32 * 4096 + 2 * layer and snip.activations == 64 * layer
     assert describe(plain, 80 * GiB).startswith("estimated peak memory: weights 12.55 GiB")
     assert "out-of-memory" not in describe(plain, 80 * GiB) and "out-of-memory" in describe(plain, 16 * GiB)

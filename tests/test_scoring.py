@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from brittle.data.core import IGNORE_INDEX, DataError, encode, make_examples
 from brittle.io import BrittleError, sha256_file
-from brittle.models import is_conv1d, linear_modules, linear_weight
+from brittle.models import decoder_layers, is_conv1d, linear_modules, linear_weight
 from brittle.scoring import (
     ScoreMismatchError,
     check_scores_match,
@@ -276,6 +276,29 @@ def test_fused_kernel_path_gets_whole_inputs_and_lengths(tok, examples, monkeypa
     assert calls and all(T >= k for T, k in calls) and any(T > k for T, k in calls)  # whole inputs, not windows
 
 
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_gradient_checkpointing_gives_the_same_scores_holding_one_block(arch, tok, examples, monkeypatch):
+    """With gradient checkpointing each block is recomputed in the backward pass and the scored modules' inputs are
+    taken then: the same scores (SNIP and SNIP-summed, exactly: the same operations), at most one block's module
+    inputs held at a time instead of all, and the blocks' own forward restored afterwards. Catches inputs taken
+    from the forward pass (all held), a recomputation stopped early (a module's input never comes: an error), or
+    an input paired with another module's gradient (different scores)."""
+    from brittle.scoring import compute as C
+
+    held = []
+    finish = C._Accumulator.finish
+    monkeypatch.setattr(C._Accumulator, "finish", lambda self: held.append(self.most_inputs_held) or finish(self))
+    model = tiny_model(arch, vocab_size=VOCAB, layers=3)
+    per_block = len(linear_modules(model)) // 3
+    for method in ("snip", "snip-summed"):
+        plain = compute_scores(model, tok, examples, method, batch_size=4, max_length=MAX_LEN, progress=False)
+        ckpt = compute_scores(model, tok, examples, method, batch_size=4, max_length=MAX_LEN, progress=False,
+                              gradient_checkpointing=True)
+        assert all(torch.equal(plain[n], ckpt[n]) for n in plain)
+        assert held[-2:] == [3 * per_block, per_block]
+    assert all("forward" not in vars(block) for block in decoder_layers(model))
+
+
 def test_response_rows_are_the_masked_rows_in_order():
     """Wanda's and ActSVD's rows are gathered by index (no device read); they must equal ``x[mask]``, in order,
     with the indices copied to the device once per batch."""
@@ -537,6 +560,14 @@ def test_score_command(tmp_path, tiny_dir, examples):
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
     assert "reusing" in r.output and path.read_bytes() == first
+    # gradient checkpointing is not part of the record (the same scores): reused here, the same scores elsewhere
+    r = runner.invoke(app, args + ["--gradient-checkpointing"])
+    assert r.exit_code == 0 and "[scores:pairs] reusing" in r.output, r.output
+    other = tmp_path / "checkpointed"
+    r = runner.invoke(app, [a if a != str(out) else str(other) for a in args] + ["--gradient-checkpointing"])
+    assert r.exit_code == 0 and "[scores:pairs] reusing" not in r.output, r.output
+    again = load_scores(other / "scores" / "pairs-snip" / "scores.safetensors")[0]
+    assert all(torch.equal(again[n], scores[n]) for n in scores)
 
     r = runner.invoke(app, [a if a != str(MAX_LEN) else "56" for a in args])
     assert r.exit_code == 2 and "other settings or inputs (config.max_length)" in r.output

@@ -230,6 +230,7 @@ def score_cmd(
     device: Annotated[str | None, opt("device", "--device")] = None,
     max_accumulator_gb: Annotated[float | None, opt("scores.max_accumulator_gb", "--max-accumulator-gb")] = None,
     accumulators: Annotated[str | None, opt("scores.accumulators", "--accumulators")] = None,
+    gradient_checkpointing: Annotated[bool | None, opt("scores.gradient_checkpointing", "--gradient-checkpointing/--no-gradient-checkpointing")] = None,
     force: ForceOpt = False,
 ) -> None:
     """Importance scores of every linear weight -> OUT/scores/<data>-<method>/scores.safetensors."""
@@ -238,7 +239,7 @@ def score_cmd(
         model=model, seed=seed, dtype=dtype, device=device, data__sets={name: data}, scores__sets=[name],
         scores__method=method, scores__nsamples=nsamples, scores__batch_size=batch_size,
         scores__max_length=max_length, scores__max_accumulator_gb=max_accumulator_gb,
-        scores__accumulators=accumulators), force=force)
+        scores__accumulators=accumulators, scores__gradient_checkpointing=gradient_checkpointing), force=force)
     from .distributed import is_main
 
     if is_main():  # under a launcher: one line, not one per process

@@ -86,6 +86,10 @@ class ScoreConfig(FrozenConfig):
         "fit), 'host' (CPU memory, one pass; each batch's contribution is added there), 'auto' (the memory plan "
         "decides by estimated cost). Changes the scores only by fp32 summation order, so it is not part of the "
         "stage's record."))
+    gradient_checkpointing: bool = Field(False, description=(
+        "SNIP: keep only each decoder block's input from the forward pass and recompute the block in the backward "
+        "pass, taking the scored modules' inputs then: activation memory of one block instead of all, about a third "
+        "more compute, the same scores (not part of the stage's record)."))
 
 
 class GroupsConfig(FrozenConfig):

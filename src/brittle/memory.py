@@ -128,9 +128,15 @@ def _activations(shape: ModelShape, w: int, batch: int, length: int) -> int:
     return w * batch * length * shape.layers * (10 * shape.hidden + 4 * shape.intermediate)
 
 
+def _checkpointed_activations(shape: ModelShape, w: int, batch: int, length: int) -> int:
+    """Activations kept with gradient checkpointing: each layer's input plus one layer's activations."""
+    return w * batch * length * shape.layers * shape.hidden + _activations(shape, w, batch, length) // shape.layers
+
+
 def estimate_scoring(shape: ModelShape, *, dtype: str, method: str, batch_size: int, max_length: int,
-                     fused: bool = False) -> MemoryEstimate:
-    """Peak memory of :func:`brittle.scoring.compute_scores` with all modules in one pass."""
+                     fused: bool = False, gradient_checkpointing: bool = False) -> MemoryEstimate:
+    """Peak memory of :func:`brittle.scoring.compute_scores` with all modules in one pass (gradient methods with
+    ``gradient_checkpointing``: each layer's input plus one layer's activations)."""
     from .scoring.methods import examples_per_chunk
 
     w = dtype_bytes(dtype)
@@ -139,8 +145,9 @@ def estimate_scoring(shape: ModelShape, *, dtype: str, method: str, batch_size: 
     work = 0
     if method == "snip" and not fused:
         work = 4 * examples_per_chunk((shape.max_linear, 1), batch_size) * shape.max_linear
+    acts = (_checkpointed_activations if gradient_checkpointing else _activations)(shape, w, batch_size, max_length)
     return MemoryEstimate(weights=w * shape.params, accumulators=acc, workspace=work,
-                          activations=_activations(shape, w, batch_size, max_length) if grad else
+                          activations=acts if grad else
                           w * batch_size * max_length * (2 * shape.hidden + shape.intermediate),
                           logits=(w + 4) * batch_size * max_length * shape.vocab if grad else 0)
 
@@ -155,9 +162,8 @@ def estimate_finetune(shape: ModelShape, *, dtype: str, batch_size: int, max_len
     w = dtype_bytes(dtype)
     state = 3 * w * shape.params if full else 4 * 4 * rank * sum(o + i for o, i in shape.linear_shapes)
     casts = 0 if full or w == 4 else 4 * batch_size * max_length * sum(i for _, i in shape.linear_shapes)
-    acts = _activations(shape, w, batch_size, max_length)
+    acts = (_checkpointed_activations if gradient_checkpointing else _activations)(shape, w, batch_size, max_length)
     if gradient_checkpointing:
-        acts = w * batch_size * max_length * shape.layers * shape.hidden + acts // shape.layers
         casts //= shape.layers
     return MemoryEstimate(weights=w * shape.params, activations=acts + casts,
                           logits=(w + 4) * batch_size * max_length * shape.vocab, training_state=state,

@@ -134,8 +134,9 @@ def scores_stage(ctx: RunContext, cfg: ExperimentConfig, set_name: str) -> Stage
                         + (" -- the model refused none of the harmful prompts; score an aligned model or give a file"
                            if data.outputs[set_name]["source"] == "safety" else ""))
     model, tok, fingerprint = run_model(ctx, cfg)
-    # where the accumulators live changes the scores only by fp32 summation order: not part of the record
-    settings = {"seed": cfg.seed, "set": set_name, **sc.model_dump(exclude={"sets", "accumulators"})}
+    # where the accumulators live (fp32 summation order) and checkpointing (the same scores): not part of the record
+    settings = {"seed": cfg.seed, "set": set_name,
+                **sc.model_dump(exclude={"sets", "accumulators", "gradient_checkpointing"})}
 
     def produce(folder: Path) -> dict[str, Any]:
         examples = sample(load_file(data.path(set_name), require_response=True), sc.nsamples, cfg.seed)
@@ -147,7 +148,8 @@ def scores_stage(ctx: RunContext, cfg: ExperimentConfig, set_name: str) -> Stage
             cap = plan.max_accumulator_bytes
         host = plan.placement == "host" and cap is None
         scores = compute_scores(model, tok, examples, sc.method, batch_size=sc.batch_size, max_length=sc.max_length,
-                                progress=ctx.progress, max_accumulator_bytes=cap, host_accumulators=host, stats=stats)
+                                progress=ctx.progress, max_accumulator_bytes=cap, host_accumulators=host,
+                                gradient_checkpointing=sc.gradient_checkpointing, stats=stats)
         meta = score_metadata(model, examples, sc.method, seed=cfg.seed, max_length=sc.max_length, stats=stats,
                               data=set_name, batch_size=sc.batch_size)
         save_scores(folder / "scores.safetensors", scores, meta)
@@ -180,7 +182,8 @@ def scoring_memory_plan(model, cfg: ExperimentConfig):
     w = linear_weight(next(iter(linear_modules(model).values())))
     probe = torch.empty(0, device=w.device, dtype=w.dtype)
     est = estimate_scoring(shape, dtype=cfg.dtype, method=sc.method, batch_size=sc.batch_size, max_length=sc.max_length,
-                           fused=fused_available(probe.float(), probe, probe))
+                           fused=fused_available(probe.float(), probe, probe),
+                           gradient_checkpointing=sc.gradient_checkpointing)
     ram = device_bytes("cpu")
     on_gpu = w.device.type == "cuda"
     total = device_bytes(w.device)

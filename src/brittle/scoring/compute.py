@@ -26,7 +26,9 @@ to the method at once.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+import functools
 import math
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -187,6 +189,23 @@ def _hidden_pre_hook(state: dict[str, Any]):
     return hook
 
 
+@contextlib.contextmanager
+def _checkpointed(blocks: Sequence[nn.Module]):
+    """Run each block's forward under ``torch.utils.checkpoint`` (non-reentrant): its activations are dropped after
+    the forward pass and recomputed when the backward pass reaches the block. Early stop is off, so that the
+    recomputation runs the whole block and every scored module's forward hook sees its input again."""
+    from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
+
+    for block in blocks:
+        block.forward = functools.partial(checkpoint, type(block).forward.__get__(block), use_reentrant=False)
+    try:
+        with set_checkpoint_early_stop(False):
+            yield
+    finally:
+        for block in blocks:
+            del block.forward  # the class's forward again
+
+
 def _embedding_hook(state: dict[str, Any]):
     def hook(module, args, output):
         if state["active"] and isinstance(output, torch.Tensor) and output.is_floating_point():
@@ -212,12 +231,20 @@ class _Accumulator:
     weight's device in one buffer per device (the largest module's size, reused), then added to the host
     accumulator through a pinned staging buffer (``4 * d_out * d_in`` bytes moved per module and batch)."""
 
-    def __init__(self, mods: dict[str, nn.Module], method: ScoreMethod, batch_size: int, *, host: bool = False):
+    def __init__(self, mods: dict[str, nn.Module], method: ScoreMethod, batch_size: int, *, host: bool = False,
+                 recomputed: bool = False):
         from ..models import linear_weight
 
         self.method = method
         self.mods = mods
         self.host = host
+        # recomputed=True (gradient checkpointing): a module's input is taken when its block is recomputed in the
+        # backward pass, not kept from the forward pass; its output gradient may arrive before or after that
+        self.recomputed = recomputed
+        self.inputs: dict[str, torch.Tensor] = {}  # module -> its input, waiting for the output gradient
+        self.grads: dict[str, torch.Tensor] = {}  # module -> its output gradient, waiting for the recomputed input
+        self.forwards: dict[str, int] = {}  # module -> forward calls in this batch (2 with checkpointing)
+        self.most_inputs_held = 0  # the most module inputs held at once (a check of what checkpointing saves)
         self.acc: dict[str, torch.Tensor] = {}
         self.work: dict[torch.device, torch.Tensor] = {}
         self.part: dict[torch.device, torch.Tensor] = {}  # host=True: a batch's contribution, before the copy
@@ -245,6 +272,13 @@ class _Accumulator:
             h.remove()
         self.handles.clear()
 
+    def start_batch(self, batch: BatchInfo) -> None:
+        if self.inputs or self.grads:  # every module input met its gradient in the last batch
+            raise BrittleError(f"scoring: {len(self.inputs) + len(self.grads)} module(s) got an input or an output "
+                               "gradient without the other in the last batch")
+        self.batch = batch
+        self.forwards.clear()
+
     def _forward_hook(self, name: str):
         def hook(module, args, output):
             x = args[0] if args else None
@@ -252,12 +286,28 @@ class _Accumulator:
                 raise BrittleError(f"{name}: cannot read the input/output of {type(module).__name__}")
             if not self.method.needs_grad:
                 self._add(name, x.detach(), None)
-            elif output.requires_grad:
-                xd = x.detach()
-                output.register_hook(lambda g: self._add(name, xd, g))
+                return None
+            if not output.requires_grad:  # no gradient will come (the graph is rooted further on: compute_scores)
+                return None
+            calls = self.forwards[name] = self.forwards.get(name, 0) + 1
+            if calls == 1 and output.requires_grad:  # the forward pass: the gradient will come to this output
+                output.register_hook(lambda g: self._pair(name, g=g))
+            if calls == 2 or not self.recomputed:  # the input: from the recomputation, or kept from the forward
+                self._pair(name, x=x.detach())
             return None
 
         return hook
+
+    def _pair(self, name: str, x: torch.Tensor | None = None, g: torch.Tensor | None = None) -> None:
+        """Add a module's contribution once both its input and its output gradient are there."""
+        if x is not None:
+            self.inputs[name] = x
+            self.most_inputs_held = max(self.most_inputs_held, len(self.inputs))
+        if g is not None:
+            self.grads[name] = g
+        if name in self.inputs and name in self.grads:
+            self._add(name, self.inputs.pop(name), self.grads.pop(name))
+        return None  # a tensor hook that returns None leaves the gradient unchanged
 
     def _add(self, name: str, x: torch.Tensor, g: torch.Tensor | None) -> None:
         B, T = self.batch.shape
@@ -278,6 +328,8 @@ class _Accumulator:
 
     def finish(self) -> dict[str, torch.Tensor]:
         from ..models import linear_weight
+
+        self.start_batch(None)  # checks that the last batch left nothing unpaired
 
         to_cpu = CpuCopier(() if self.host else (linear_weight(m) for m in self.mods.values()))
         out = {}
@@ -352,6 +404,7 @@ def compute_scores(
     progress: bool = True,
     max_accumulator_bytes: int | None = None,
     host_accumulators: bool = False,
+    gradient_checkpointing: bool = False,
     stats: dict[str, Any] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Importance scores of the linear weights of the decoder blocks (see the module docstring).
@@ -373,6 +426,9 @@ def compute_scores(
             device then holds one buffer of the largest module's accumulator, and every batch moves 4 bytes per
             scored weight to the host and adds them there (:class:`_Accumulator`); the scores differ from the
             default only by fp32 summation order.
+        gradient_checkpointing: (gradient methods) keep only each decoder block's input from the forward pass and
+            recompute the block when the backward pass reaches it, taking the scored modules' inputs then: the
+            activations of one block instead of all (about a third more compute); the same scores.
         stats: if given, filled with ``n_examples``, ``n_tokens`` (non-padding input tokens),
             ``n_response_tokens`` (positions in the loss for SNIP, activation positions for Wanda) and
             ``n_passes``.
@@ -418,50 +474,52 @@ def compute_scores(
         model.eval()
         for pass_names in passes:
             pass_mods = {n: mods[n] for n in pass_names}
-            accum = _Accumulator(pass_mods, method, batch_size, host=host_accumulators)
+            recomputed = gradient_checkpointing and method.needs_grad
+            accum = _Accumulator(pass_mods, method, batch_size, host=host_accumulators, recomputed=recomputed)
             root_state = {"active": False, "rooted": False}
             first = min(_layer_index(n) for n in pass_names)
             root_handles = [blocks[first].register_forward_pre_hook(_hidden_pre_hook(root_state), with_kwargs=True)]
             accum.attach()
             n_resp = 0
             try:
-                for batch in batches:
-                    labels = batch["labels"]
-                    B, T = labels.shape
-                    batch = {k: v.to(in_device) for k, v in batch.items() if k != "labels"}
-                    if not method.needs_grad:  # activations only: a forward pass
-                        wmask = activation_mask(labels)
-                        accum.batch = BatchInfo((B, T), input_mask=wmask)
-                        n_resp += int(wmask.sum())
-                        with torch.no_grad():
-                            kw = {"logits_to_keep": 1} if keep_logits else {}
-                            model(**batch, use_cache=False, **kw)
-                    else:
-                        targets = torch.full_like(labels, IGNORE_INDEX)
-                        targets[:, :-1] = labels[:, 1:]
-                        pred_mask = targets != IGNORE_INDEX
-                        counts = pred_mask.sum(1)
-                        n_resp += int(counts.sum())
-                        idx = torch.arange(T).expand(B, T)
-                        upto = [int(v) for v in torch.where(pred_mask, idx + 1, 0).amax(1)]
-                        accum.batch = BatchInfo((B, T), upto=upto)
-                        inv_count = 1.0 / counts.to(torch.float32)
-                        root_state.update(active=True, rooted=False)
-                        with torch.enable_grad():
-                            loss = _loss(model, batch, pred_mask, targets, inv_count, keep_logits, out_device)
-                            if not loss.requires_grad:
-                                # The block pre-hook found no hidden state to root the graph on: root it at the embeddings.
-                                for h in root_handles:
-                                    h.remove()
-                                root_handles = [model.get_input_embeddings().register_forward_hook(_embedding_hook(root_state))]
+                with _checkpointed(blocks[first:]) if recomputed else contextlib.nullcontext():
+                    for batch in batches:
+                        labels = batch["labels"]
+                        B, T = labels.shape
+                        batch = {k: v.to(in_device) for k, v in batch.items() if k != "labels"}
+                        if not method.needs_grad:  # activations only: a forward pass
+                            wmask = activation_mask(labels)
+                            accum.start_batch(BatchInfo((B, T), input_mask=wmask))
+                            n_resp += int(wmask.sum())
+                            with torch.no_grad():
+                                kw = {"logits_to_keep": 1} if keep_logits else {}
+                                model(**batch, use_cache=False, **kw)
+                        else:
+                            targets = torch.full_like(labels, IGNORE_INDEX)
+                            targets[:, :-1] = labels[:, 1:]
+                            pred_mask = targets != IGNORE_INDEX
+                            counts = pred_mask.sum(1)
+                            n_resp += int(counts.sum())
+                            idx = torch.arange(T).expand(B, T)
+                            upto = [int(v) for v in torch.where(pred_mask, idx + 1, 0).amax(1)]
+                            accum.start_batch(BatchInfo((B, T), upto=upto))
+                            inv_count = 1.0 / counts.to(torch.float32)
+                            root_state.update(active=True, rooted=False)
+                            with torch.enable_grad():
                                 loss = _loss(model, batch, pred_mask, targets, inv_count, keep_logits, out_device)
                                 if not loss.requires_grad:
-                                    raise BrittleError(f"cannot build the backward graph of {type(model).__name__}")
-                            loss.backward()
-                        root_state["active"] = False
-                        del loss
-                    if bar is not None:
-                        bar.update(1)
+                                    # The block pre-hook found no hidden state to root the graph on: root it at the embeddings.
+                                    for h in root_handles:
+                                        h.remove()
+                                    root_handles = [model.get_input_embeddings().register_forward_hook(_embedding_hook(root_state))]
+                                    loss = _loss(model, batch, pred_mask, targets, inv_count, keep_logits, out_device)
+                                    if not loss.requires_grad:
+                                        raise BrittleError(f"cannot build the backward graph of {type(model).__name__}")
+                                loss.backward()
+                            root_state["active"] = False
+                            del loss
+                        if bar is not None:
+                            bar.update(1)
             finally:
                 accum.detach()
                 for h in root_handles:
