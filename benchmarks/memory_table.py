@@ -3,7 +3,7 @@
 
     .venv/bin/python benchmarks/memory_table.py
 
-SNIP in bf16 with batches of 8 x 512 tokens; LoRA r 8 on every linear module with micro-batches of 4 x 512, without
+SNIP in bf16 with batches of 8 x 512 tokens, without and with gradient checkpointing; LoRA r 8 on every linear module with micro-batches of 4 x 512, without
 and with gradient checkpointing; generation with batch_size="auto" for prompts of 256 tokens and 64 new tokens.
 """
 
@@ -40,15 +40,21 @@ def gib(x: int) -> str:
     return f"{x / GiB:.1f}"
 
 
+def describe_plan(plan) -> str:
+    return {"device": "one pass", "passes": f"{plan.n_passes} passes"}.get(plan.placement, plan.placement)
+
+
 def main() -> None:
     print("| model | parameters | weights GiB | SNIP accumulators GiB | SNIP activations GiB | SNIP total GiB | SNIP on "
-          "80 GB | LoRA total GiB | with checkpointing | KV cache per token | generation batch (auto) on 80 GB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "80 GB | with checkpointing | LoRA total GiB | with checkpointing | KV cache per token | generation batch "
+          "(auto) on 80 GB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, fields in SHAPES.items():
         shape = ModelShape.of(LlamaConfig(**fields))
         snip = estimate_scoring(shape, dtype="bfloat16", method="snip", batch_size=8, max_length=512)
-        plan = plan_scoring(snip, DEVICE, shape.accumulator_bytes("snip"))
-        fit = {"device": "one pass", "passes": f"{plan.n_passes} passes"}.get(plan.placement, plan.placement)
+        snip_ckpt = estimate_scoring(shape, dtype="bfloat16", method="snip", batch_size=8, max_length=512,
+                                     gradient_checkpointing=True)
+        fit, fit_ckpt = (describe_plan(plan_scoring(e, DEVICE, shape.accumulator_bytes("snip"))) for e in (snip, snip_ckpt))
         lora = estimate_finetune(shape, dtype="bfloat16", batch_size=4, max_length=512)
         ckpt = estimate_finetune(shape, dtype="bfloat16", batch_size=4, max_length=512, gradient_checkpointing=True)
         free = DEVICE - snip.weights
@@ -56,7 +62,8 @@ def main() -> None:
                                       max_new_tokens=64) if free > 0 else "weights do not fit"
         kv = kv_cache_bytes(shape, dtype="bfloat16", sequences=1, tokens=1)
         print(f"| {name} | {shape.params / 1e9:.2f} B | {gib(snip.weights)} | {gib(snip.accumulators)} | "
-              f"{gib(snip.activations)} | {gib(snip.total)} | {fit} | {gib(lora.total)} | {gib(ckpt.total)} | "
+              f"{gib(snip.activations)} | {gib(snip.total)} | {fit} | {gib(snip_ckpt.total)}, {fit_ckpt} | {gib(lora.total)} | "
+              f"{gib(ckpt.total)} | "
               f"{kv // 1024} KiB | {batch} |")
 
 
