@@ -16,8 +16,8 @@ Sections (each prints its figures as soon as it has them; a failing section does
 2. per shape: SNIP (with brittle.memory's estimate beside the measured peak) on ``--examples`` x ``--length`` tokens (bf16 model, fp32 accumulators), the plain
    forward+backward floor over the same batches, their ratio, peak GPU memory, with the fused kernel
    (the default on CUDA); on the first shape also SNIP without it (``BRITTLE_FUSED_SNIP=0``: fp32 batched
-   products) and the difference between the two score sets, and SNIP with the accumulators in host memory beside
-   the memory planner's cost model for it;
+   products) and the difference between the two score sets, SNIP with the accumulators in host memory beside
+   the memory planner's cost model for it, and SNIP with gradient checkpointing (peak beside the estimate);
 3. on the last shape: one ablation evaluation's generation (``--eval-prompts`` prompts, 64 new tokens, a random 1 %
    group zeroed), then 4x as many prompts with ``batch_size="auto"`` (the size chosen, the peak beside the estimate);
 4. on the last shape: ``--lora-steps`` LoRA steps (r 8, alpha 16, every linear module, lr 1e-4; batch 16 of
@@ -142,6 +142,17 @@ def snip_section(shape: str, args, first: bool) -> None:
               f"max over modules of max|fused - unfused| / max|unfused| = {worst:.2e}")
         del plain
         host_section(model, tok, examples, kw, snip_s, fused)
+        reset_peak()
+        sync(DEVICE)
+        t = time.perf_counter()
+        ckpt = compute_scores(model, tok, examples, "snip", gradient_checkpointing=True, **kw)
+        sync(DEVICE)
+        ckpt_s = time.perf_counter() - t
+        worst = max(((ckpt[n] - fused[n]).abs().max() / fused[n].abs().max()).item() for n in ckpt)
+        print(f"SNIP with gradient checkpointing: {ckpt_s:.2f} s = {ckpt_s / floor_s:.2f} x floor{gpu_peak_mb(DEVICE)}"
+              f"{estimate_line(model, 'scoring', method='snip', batch_size=args.batch_size, max_length=args.length, fused=True, gradient_checkpointing=True)}"
+              f"; max|checkpointed - plain| / max|plain| = {worst:.2e}")
+        del ckpt
     del fused, model
 
 
