@@ -111,13 +111,8 @@ def snip_section(shape: str, args, first: bool) -> None:
     examples = random_examples(tok, args.examples, args.length, 0)
     kw = dict(batch_size=args.batch_size, max_length=args.length, progress=False)
     compute_scores(model, tok, examples[: args.batch_size], "snip", **kw)  # warm-up (kernel autotuning)
-    reset_peak()
     stats: dict = {}
-    sync(DEVICE)
-    t = time.perf_counter()
-    fused = compute_scores(model, tok, examples, "snip", stats=stats, **kw)
-    sync(DEVICE)
-    snip_s = time.perf_counter() - t
+    fused, snip_s = timed_snip(model, tok, examples, kw, stats=stats)
     print(f"SNIP {args.examples} x {args.length}: {snip_s:.2f} s ({stats['n_tokens']} tokens, "
           f"{stats['n_response_tokens']} in the loss, batch {args.batch_size}){gpu_peak_mb(DEVICE)}"
           f"{estimate_line(model, 'scoring', method='snip', batch_size=args.batch_size, max_length=args.length, fused=True)}")
@@ -130,30 +125,34 @@ def snip_section(shape: str, args, first: bool) -> None:
     if first:
         os.environ["BRITTLE_FUSED_SNIP"] = "0"
         try:
-            sync(DEVICE)
-            t = time.perf_counter()
-            plain = compute_scores(model, tok, examples, "snip", **kw)
-            sync(DEVICE)
-            plain_s = time.perf_counter() - t
+            plain, plain_s = timed_snip(model, tok, examples, kw)
         finally:
             os.environ["BRITTLE_FUSED_SNIP"] = "1"
-        worst = max(((fused[n] - plain[n]).abs().max() / plain[n].abs().max()).item() for n in plain)
         print(f"SNIP without the fused kernel (fp32 batched products): {plain_s:.2f} s = {plain_s / floor_s:.2f} x floor; "
-              f"max over modules of max|fused - unfused| / max|unfused| = {worst:.2e}")
+              f"max over modules of max|fused - unfused| / max|unfused| = {max_rel_diff(fused, plain):.2e}")
         del plain
         host_section(model, tok, examples, kw, snip_s, fused)
-        reset_peak()
-        sync(DEVICE)
-        t = time.perf_counter()
-        ckpt = compute_scores(model, tok, examples, "snip", gradient_checkpointing=True, **kw)
-        sync(DEVICE)
-        ckpt_s = time.perf_counter() - t
-        worst = max(((ckpt[n] - fused[n]).abs().max() / fused[n].abs().max()).item() for n in ckpt)
+        ckpt, ckpt_s = timed_snip(model, tok, examples, kw, gradient_checkpointing=True)
         print(f"SNIP with gradient checkpointing: {ckpt_s:.2f} s = {ckpt_s / floor_s:.2f} x floor{gpu_peak_mb(DEVICE)}"
               f"{estimate_line(model, 'scoring', method='snip', batch_size=args.batch_size, max_length=args.length, fused=True, gradient_checkpointing=True)}"
-              f"; max|checkpointed - plain| / max|plain| = {worst:.2e}")
+              f"; max|checkpointed - plain| / max|plain| = {max_rel_diff(ckpt, fused):.2e}")
         del ckpt
     del fused, model
+
+
+def timed_snip(model, tok, examples, kw, **options) -> tuple[dict, float]:
+    """SNIP scores and the seconds they took (GPU synchronised, peak memory counter reset first)."""
+    reset_peak()
+    sync(DEVICE)
+    t = time.perf_counter()
+    scores = compute_scores(model, tok, examples, "snip", **kw, **options)
+    sync(DEVICE)
+    return scores, time.perf_counter() - t
+
+
+def max_rel_diff(a: dict, b: dict) -> float:
+    """Max over modules of ``max|a - b| / max|b|``."""
+    return max(((a[n] - b[n]).abs().max() / b[n].abs().max()).item() for n in b)
 
 
 def host_section(model, tok, examples, kw, device_s: float, device_scores) -> None:
@@ -165,15 +164,10 @@ def host_section(model, tok, examples, kw, device_s: float, device_scores) -> No
 
     w = linear_weight(next(iter(linear_modules(model).values())))
     flops, host_rate = measure_rates(w.device, w.dtype)
-    reset_peak()
-    sync(DEVICE)
-    t = time.perf_counter()
-    host = compute_scores(model, tok, examples, "snip", host_accumulators=True, **kw)
-    sync(DEVICE)
-    host_s = time.perf_counter() - t
+    host, host_s = timed_snip(model, tok, examples, kw, host_accumulators=True)
     n_batches = -(-len(examples) // kw["batch_size"])
     predicted = 4 * ModelShape.of_model(model).linear_params / host_rate
-    worst = max(((host[n] - device_scores[n]).abs().max() / device_scores[n].abs().max()).item() for n in host)
+    worst = max_rel_diff(host, device_scores)
     print(f"SNIP with host accumulators: {host_s:.2f} s against {device_s:.2f} s on the device, "
           f"{(host_s - device_s) / n_batches:.3f} s more per batch; planner's model 4 P_lin / R_host = {predicted:.3f} s "
           f"per batch (R_host {host_rate / 2**30:.1f} GiB/s, matmul {flops / 1e12:.3g} TFLOP/s){gpu_peak_mb(DEVICE)}; "
