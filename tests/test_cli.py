@@ -78,3 +78,17 @@ def test_help_states_the_config_defaults():
     res = runner.invoke(app, ["score", "--help"], env={"COLUMNS": "250"})
     text = " ".join(res.output.split())
     assert f"(default: {cfg.scores.nsamples})" in text and f"(default: {cfg.model})" in text
+
+
+def test_every_command_that_runs_a_model_takes_device_and_dtype():
+    """A GPU user can put any model-running command on CUDA in bf16 from the command line (``brittle run`` takes
+    them as config keys)."""
+    from typer.main import get_command
+
+    root = get_command(app)
+    commands = {"score": root.commands["score"], "finetune": root.commands["finetune"], "eval": root.commands["eval"],
+                "ablate": root.commands["ablate"], "lowrank": root.commands["lowrank"],
+                "data build": root.commands["data"].commands["build"]}
+    for name, command in commands.items():
+        flags = {flag for param in command.params for flag in param.opts}
+        assert {"--device", "--dtype"} <= flags, name

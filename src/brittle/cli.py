@@ -120,6 +120,8 @@ SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a conf
                                                               "(value read as TOML; repeatable).")]
 ModelOpt = Annotated[str | None, opt("model", "--model", "-m")]
 SeedOpt = Annotated[int | None, opt("seed", "--seed")]
+DeviceOpt = Annotated[str | None, opt("device", "--device")]
+DtypeOpt = Annotated[str | None, opt("dtype", "--dtype")]
 
 
 @app.command("run")
@@ -197,11 +199,14 @@ def data_build_cmd(
     max_new_tokens: Annotated[int | None, opt("data.max_new_tokens", "--max-new-tokens")] = None,
     batch_size: Annotated[int | None, opt("data.batch_size", "--batch-size")] = None,
     judge: Annotated[str | None, opt("data.judge", "--judge")] = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
     seed: SeedOpt = None,
     force: ForceOpt = False,
 ) -> None:
     """Safety set (harmful prompts + the model's own refusals) and utility set (benign + own answers) -> OUT/data."""
-    run_stages(out, ["data"], given(model=model, seed=seed, data__n_safety=n_safety, data__n_utility=n_utility,
+    run_stages(out, ["data"], given(model=model, seed=seed, device=device, dtype=dtype,
+                                    data__n_safety=n_safety, data__n_utility=n_utility,
                                     data__max_new_tokens=max_new_tokens, data__batch_size=batch_size,
                                     data__judge=judge, data__sets={"safety": "safety", "utility": "utility"}),
                force=force)
@@ -226,8 +231,8 @@ def score_cmd(
     seed: SeedOpt = None,
     batch_size: Annotated[int | None, opt("scores.batch_size", "--batch-size")] = None,
     max_length: Annotated[int | None, opt("scores.max_length", "--max-length")] = None,
-    dtype: Annotated[str | None, opt("dtype", "--dtype")] = None,
-    device: Annotated[str | None, opt("device", "--device")] = None,
+    dtype: DtypeOpt = None,
+    device: DeviceOpt = None,
     max_accumulator_gb: Annotated[float | None, opt("scores.max_accumulator_gb", "--max-accumulator-gb")] = None,
     accumulators: Annotated[str | None, opt("scores.accumulators", "--accumulators")] = None,
     gradient_checkpointing: Annotated[bool | None, opt("scores.gradient_checkpointing", "--gradient-checkpointing/--no-gradient-checkpointing")] = None,
@@ -324,6 +329,8 @@ def ablate_cmd(
     max_new_tokens: Annotated[int | None, opt("ablation.eval.max_new_tokens", "--max-new-tokens", help="New tokens per answer.")] = None,
     kinds: Annotated[str | None, opt("ablation.kinds", "--kinds", help="Comma-separated group kinds removed at each point: top_safety, set_difference, random, random_magnitude, bottom_safety (bottom-up pruning).")] = None,
     recover_from: Annotated[str | None, opt("ablation.recover_from", "--recover-from", help="Give removed entries this model's values instead of zeros (e.g. the base model before alignment).")] = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
     seed: SeedOpt = None,
     force: ForceOpt = False,
 ) -> None:
@@ -336,7 +343,8 @@ def ablate_cmd(
     if model is None:
         raise BrittleError("the score files do not name the model they were computed on: pass --model")
     _, results = run_stages(out, ["groups", "ablation"], given(
-        model=model, seed=seed, groups__safety_scores=str(safety), groups__utility_scores=str(utility),
+        model=model, seed=seed, device=device, dtype=dtype, groups__safety_scores=str(safety),
+        groups__utility_scores=str(utility),
         groups__scope=scope,
         ablation__sparsities=None if sparsities is None else _floats(sparsities, "--sparsities"),
         ablation__p=p, ablation__pq=None if pq is None else _pq(pq),
@@ -372,6 +380,8 @@ def lowrank_cmd(
     n_harmful: Annotated[int | None, opt("lowrank.eval.n_harmful", "--n-harmful", help="Held-out AdvBench behaviours per evaluation.")] = None,
     limit: Annotated[int | None, opt("lowrank.eval.limit", "--limit", help="Zero-shot documents per task per evaluation (0: all).")] = None,
     max_new_tokens: Annotated[int | None, opt("lowrank.eval.max_new_tokens", "--max-new-tokens", help="New tokens per answer.")] = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
     seed: SeedOpt = None,
     set_: SetOpt = None,
     force: ForceOpt = False,
@@ -381,7 +391,7 @@ def lowrank_cmd(
     each --orthogonal pair; measure like `brittle ablate` -> OUT/lowrank/lowrank.csv/.md/.png (calibration sets
     in OUT/data)."""
     _, results = run_stages(out, ["data", "lowrank"], given(
-        model=model, seed=seed, scores__nsamples=nsamples,
+        model=model, seed=seed, device=device, dtype=dtype, scores__nsamples=nsamples,
         lowrank__ranks=None if ranks is None else _ints(ranks, "--ranks"),
         lowrank__orthogonal=None if orthogonal is None else _rank_pairs(orthogonal),
         lowrank__targets=None if targets is None else [t.strip() for t in targets.split(",") if t.strip()],
@@ -420,8 +430,8 @@ def finetune_cmd(
     evaluate: Annotated[bool | None, opt("finetune.evaluate", "--eval/--no-eval")] = None,
     n_harmful: Annotated[int | None, opt("finetune.eval.n_harmful", "--n-harmful", help="Held-out AdvBench behaviours in the before/after evaluation.")] = None,
     seed: SeedOpt = None,
-    dtype: Annotated[str | None, opt("dtype", "--dtype")] = None,
-    device: Annotated[str | None, opt("device", "--device")] = None,
+    dtype: DtypeOpt = None,
+    device: DeviceOpt = None,
     set_: SetOpt = None,
     force: ForceOpt = False,
 ) -> None:
@@ -522,8 +532,8 @@ def eval_cmd(
     max_new_tokens: Annotated[int | None, opt("eval.max_new_tokens", "--max-new-tokens", help="Tokens generated per answer.")] = None,
     batch_size: Annotated[str | None, opt("eval.batch_size", "--batch-size", help="Generation batch size (prompts), or auto: sized to the free GPU memory.")] = None,
     system_prompt: Annotated[str | None, opt("eval.system_prompt", "--system-prompt", help="System prompt of the 'with system prompt' variant ('llama2' = Llama-2's official one; none: the chat template's own).")] = None,
-    device: Annotated[str | None, opt("device", "--device")] = None,
-    dtype: Annotated[str | None, opt("dtype", "--dtype")] = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's choice; 1 is faster on a busy shared CPU).")] = None,
     seed: SeedOpt = None,
     force: ForceOpt = False,
