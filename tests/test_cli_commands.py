@@ -182,6 +182,12 @@ def test_data_build_command(tiny_dir, tiny_fingerprint, tmp_path, cache):
     assert len(safety) >= 1 and len(utility) >= 1
     assert re.search(rf"\(0 of 1 stages reused\); run directory {re.escape(str(out))}\n", text)
     assert not (cache / "data").exists()  # built into the run directory, not cached
+    # --batch-size auto: off a GPU the CPU batch (32), at most the prompts; the size used is logged, "auto" recorded
+    auto = tmp_path / "auto"
+    text = _ok(invoke(*[a if a != out else auto for a in args[:-4]], "--batch-size", "auto", "--seed", 1,
+                      "--judge", "keyword-wei"))
+    assert "[data] safety: generation batch size auto -> 4" in text and "[data] utility: generation batch size auto -> 3" in text
+    assert _manifest(auto / "data")["config"]["batch_size"] == "auto"
     # prompts: the seeded training splits, never the evaluation prompts
     assert [e.prompt for e in safety] == [e.prompt for e in sample(harmful_splits(seed=1)[0], 4, 1)
                                           if e.prompt in {s.prompt for s in safety}]

@@ -197,7 +197,7 @@ def data_build_cmd(
     n_safety: Annotated[int | None, opt("data.n_safety", "--n-safety")] = None,
     n_utility: Annotated[int | None, opt("data.n_utility", "--n-utility")] = None,
     max_new_tokens: Annotated[int | None, opt("data.max_new_tokens", "--max-new-tokens")] = None,
-    batch_size: Annotated[int | None, opt("data.batch_size", "--batch-size")] = None,
+    batch_size: Annotated[str | None, opt("data.batch_size", "--batch-size", help="Generation batch size, or auto (sized to the free GPU memory).")] = None,
     judge: Annotated[str | None, opt("data.judge", "--judge")] = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
