@@ -299,6 +299,24 @@ def test_gradient_checkpointing_gives_the_same_scores_holding_one_block(arch, to
     assert all("forward" not in vars(block) for block in decoder_layers(model))
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_graph_rooted_at_the_embeddings_when_no_block_input_is_found(tok, examples, monkeypatch, checkpointing):
+    """The backward graph normally starts at the hidden state entering the first scored block; for a model whose
+    blocks take it in a way the pre-hook does not recognise, the scorer roots it at the embeddings' output instead
+    (a second forward pass of that batch). Forced here: the same scores, with and without checkpointing."""
+    from brittle.scoring import compute as C
+
+    model = tiny_model("llama", vocab_size=VOCAB)
+    plain = compute_scores(model, tok, examples, "snip", batch_size=4, max_length=MAX_LEN, progress=False)
+    monkeypatch.setattr(C, "_hidden_pre_hook", lambda state: (lambda module, args, kwargs: None))
+    made, embedding_hook = [], C._embedding_hook
+    monkeypatch.setattr(C, "_embedding_hook", lambda state: made.append(state) or embedding_hook(state))
+    rooted = compute_scores(model, tok, examples, "snip", batch_size=4, max_length=MAX_LEN, progress=False,
+                            gradient_checkpointing=checkpointing)
+    assert len(made) == 1 and made[0]["rooted"]  # rooted at the embeddings, from the first batch on
+    assert max_rel_error(rooted, plain) < REORDER_TOL
+
+
 def test_response_rows_are_the_masked_rows_in_order():
     """Wanda's and ActSVD's rows are gathered by index (no device read); they must equal ``x[mask]``, in order,
     with the indices copied to the device once per batch."""
