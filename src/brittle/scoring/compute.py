@@ -216,6 +216,38 @@ def _embedding_hook(state: dict[str, Any]):
     return hook
 
 
+class _GraphRoot:
+    """Where the backward graph of a gradient method starts (the weights need no gradient): the hidden state
+    entering the first scored block, made a leaf that requires grad by a pre-hook; for a model whose blocks take it
+    in a way the pre-hook does not recognise, the embeddings' output, from the first batch that needs it on."""
+
+    def __init__(self, model: nn.Module, block: nn.Module):
+        self.model = model
+        self.state = {"active": False, "rooted": False}
+        self.handles = [block.register_forward_pre_hook(_hidden_pre_hook(self.state), with_kwargs=True)]
+
+    def loss(self, forward) -> torch.Tensor:
+        """``forward()`` (the loss of a batch) run with the root in place: again, rooted at the embeddings, when its
+        graph did not reach the root."""
+        self.state.update(active=True, rooted=False)
+        loss = forward()
+        if not loss.requires_grad:
+            self.remove()
+            self.handles = [self.model.get_input_embeddings().register_forward_hook(_embedding_hook(self.state))]
+            loss = forward()
+            if not loss.requires_grad:
+                raise BrittleError(f"cannot build the backward graph of {type(self.model).__name__}")
+        return loss
+
+    def done(self) -> None:
+        self.state["active"] = False
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
 def _as_btd(t: torch.Tensor, B: int, T: int) -> torch.Tensor:
     if t.dim() == 3:
         return t
@@ -391,6 +423,25 @@ def _loss(model: nn.Module, batch: dict[str, torch.Tensor], pred_mask: torch.Ten
     return (ce * w.to(sel.device)).sum()
 
 
+def _gradient_batch(model: nn.Module, batch: dict[str, torch.Tensor], labels: torch.Tensor, accum: _Accumulator,
+                    root: _GraphRoot, keep_logits: bool, out_device: torch.device) -> int:
+    """One forward+backward pass of a gradient method over a batch (``labels`` on the host): the accumulator's hooks
+    add the batch. Returns the number of loss positions."""
+    B, T = labels.shape
+    targets = torch.full_like(labels, IGNORE_INDEX)
+    targets[:, :-1] = labels[:, 1:]
+    pred_mask = targets != IGNORE_INDEX
+    counts = pred_mask.sum(1)
+    upto = [int(v) for v in torch.where(pred_mask, torch.arange(T).expand(B, T) + 1, 0).amax(1)]
+    accum.start_batch(BatchInfo((B, T), upto=upto))
+    inv_count = 1.0 / counts.to(torch.float32)
+    with torch.enable_grad():
+        loss = root.loss(lambda: _loss(model, batch, pred_mask, targets, inv_count, keep_logits, out_device))
+        loss.backward()
+    root.done()
+    return int(counts.sum())
+
+
 def compute_scores(
     model: nn.Module,
     tokenizer,
@@ -476,54 +527,28 @@ def compute_scores(
             pass_mods = {n: mods[n] for n in pass_names}
             recomputed = gradient_checkpointing and method.needs_grad
             accum = _Accumulator(pass_mods, method, batch_size, host=host_accumulators, recomputed=recomputed)
-            root_state = {"active": False, "rooted": False}
             first = min(_layer_index(n) for n in pass_names)
-            root_handles = [blocks[first].register_forward_pre_hook(_hidden_pre_hook(root_state), with_kwargs=True)]
+            root = _GraphRoot(model, blocks[first])
             accum.attach()
             n_resp = 0
             try:
                 with _checkpointed(blocks[first:]) if recomputed else contextlib.nullcontext():
                     for batch in batches:
                         labels = batch["labels"]
-                        B, T = labels.shape
                         batch = {k: v.to(in_device) for k, v in batch.items() if k != "labels"}
-                        if not method.needs_grad:  # activations only: a forward pass
+                        if method.needs_grad:
+                            n_resp += _gradient_batch(model, batch, labels, accum, root, keep_logits, out_device)
+                        else:  # activations only: a forward pass
                             wmask = activation_mask(labels)
-                            accum.start_batch(BatchInfo((B, T), input_mask=wmask))
+                            accum.start_batch(BatchInfo(tuple(labels.shape), input_mask=wmask))
                             n_resp += int(wmask.sum())
                             with torch.no_grad():
-                                kw = {"logits_to_keep": 1} if keep_logits else {}
-                                model(**batch, use_cache=False, **kw)
-                        else:
-                            targets = torch.full_like(labels, IGNORE_INDEX)
-                            targets[:, :-1] = labels[:, 1:]
-                            pred_mask = targets != IGNORE_INDEX
-                            counts = pred_mask.sum(1)
-                            n_resp += int(counts.sum())
-                            idx = torch.arange(T).expand(B, T)
-                            upto = [int(v) for v in torch.where(pred_mask, idx + 1, 0).amax(1)]
-                            accum.start_batch(BatchInfo((B, T), upto=upto))
-                            inv_count = 1.0 / counts.to(torch.float32)
-                            root_state.update(active=True, rooted=False)
-                            with torch.enable_grad():
-                                loss = _loss(model, batch, pred_mask, targets, inv_count, keep_logits, out_device)
-                                if not loss.requires_grad:
-                                    # The block pre-hook found no hidden state to root the graph on: root it at the embeddings.
-                                    for h in root_handles:
-                                        h.remove()
-                                    root_handles = [model.get_input_embeddings().register_forward_hook(_embedding_hook(root_state))]
-                                    loss = _loss(model, batch, pred_mask, targets, inv_count, keep_logits, out_device)
-                                    if not loss.requires_grad:
-                                        raise BrittleError(f"cannot build the backward graph of {type(model).__name__}")
-                                loss.backward()
-                            root_state["active"] = False
-                            del loss
+                                model(**batch, use_cache=False, **({"logits_to_keep": 1} if keep_logits else {}))
                         if bar is not None:
                             bar.update(1)
             finally:
                 accum.detach()
-                for h in root_handles:
-                    h.remove()
+                root.remove()
             scores.update(accum.finish())
             del accum
     finally:
