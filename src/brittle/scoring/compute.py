@@ -305,11 +305,15 @@ class _Accumulator:
         self.handles.clear()
 
     def start_batch(self, batch: BatchInfo) -> None:
-        if self.inputs or self.grads:  # every module input met its gradient in the last batch
-            raise BrittleError(f"scoring: {len(self.inputs) + len(self.grads)} module(s) got an input or an output "
-                               "gradient without the other in the last batch")
+        self._check_paired()
         self.batch = batch
         self.forwards.clear()
+
+    def _check_paired(self) -> None:
+        """Every module input of the last batch met its output gradient (a recomputation stopped early would not)."""
+        if self.inputs or self.grads:
+            raise BrittleError(f"scoring: {len(self.inputs) + len(self.grads)} module(s) got an input or an output "
+                               "gradient without the other in the last batch")
 
     def _forward_hook(self, name: str):
         def hook(module, args, output):
@@ -322,7 +326,7 @@ class _Accumulator:
             if not output.requires_grad:  # no gradient will come (the graph is rooted further on: compute_scores)
                 return None
             calls = self.forwards[name] = self.forwards.get(name, 0) + 1
-            if calls == 1 and output.requires_grad:  # the forward pass: the gradient will come to this output
+            if calls == 1:  # the forward pass: the gradient will come to this output
                 output.register_hook(lambda g: self._pair(name, g=g))
             if calls == 2 or not self.recomputed:  # the input: from the recomputation, or kept from the forward
                 self._pair(name, x=x.detach())
@@ -361,7 +365,7 @@ class _Accumulator:
     def finish(self) -> dict[str, torch.Tensor]:
         from ..models import linear_weight
 
-        self.start_batch(None)  # checks that the last batch left nothing unpaired
+        self._check_paired()
 
         to_cpu = CpuCopier(() if self.host else (linear_weight(m) for m in self.mods.values()))
         out = {}
