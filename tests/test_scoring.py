@@ -332,8 +332,8 @@ def test_response_rows_are_the_masked_rows_in_order():
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_scoring_loop_reads_no_device_values(arch, tok, examples, monkeypatch):
-    """The whole scoring loop (encoding aside: batches, forward, loss, backward, hooks) and ActSVD's covariance
-    recording run on a model on PyTorch's ``meta`` device, where reading a device value raises; only the final
+    """The whole scoring loop (encoding aside: batches, forward, loss, backward, hooks; also with gradient
+    checkpointing) and ActSVD's covariance recording run on a model on PyTorch's ``meta`` device, where reading a device value raises; only the final
     copy to the host is replaced. On a GPU each such read stalls the queue once per batch or per module. Catches
     the loss's ``logits[pred_mask]`` and Wanda's ``x[mask]`` (the code before this test). With eager attention:
     transformers' SDPA mask itself reads the padding mask once per forward pass (``fast_all``)."""
@@ -342,8 +342,8 @@ def test_scoring_loop_reads_no_device_values(arch, tok, examples, monkeypatch):
 
     monkeypatch.setattr(CpuCopier, "__call__", lambda self, t: t)
     model = tiny_model(arch, vocab_size=VOCAB).to("meta")
-    for method in ("snip", "wanda", "snip-summed"):
-        out = compute_scores(model, tok, examples, method, batch_size=4, max_length=MAX_LEN, progress=False)
+    for method, options in (("snip", {}), ("wanda", {}), ("snip-summed", {}), ("snip", {"gradient_checkpointing": True})):
+        out = compute_scores(model, tok, examples, method, batch_size=4, max_length=MAX_LEN, progress=False, **options)
         assert {v.device.type for v in out.values()} == {"meta"} and len(out) == len(linear_modules(model))
     cov = record_output_covariance(model, tok, examples, batch_size=4, max_length=MAX_LEN, progress=False)
     assert {v.device.type for v in cov.values()} == {"meta"}
