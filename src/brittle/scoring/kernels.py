@@ -9,6 +9,7 @@ Precision: the inputs are the layer's own bf16/fp16 activations and output gradi
 tensor cores with fp32 accumulation (the products of bf16/fp16 values are exact in fp32), the sum over
 examples is fp32. The result equals the fp32 batched product up to fp32 summation order.
 
+Tested on the CPU in Triton's interpreter for every autotuner configuration (``tests/test_kernels.py``, fp16).
 Used on CUDA with bf16/fp16 inputs when Triton is importable (``BRITTLE_FUSED_SNIP=0`` turns it off: then the
 fp32 batched products serve). Checked on an H200 (2026-11-28, ``benchmarks/bench_gpu.py``) against a float64
 reference on ragged lengths: max relative error 4.3e-07 once, 8.6e-07 accumulated twice (an earlier version
