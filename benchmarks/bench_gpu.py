@@ -9,22 +9,24 @@ Usage (prepared and tried on the CPU with ``--shapes llama-135m --examples 8 --l
 (Filter its output with ``grep --line-buffered`` if at all: a plain ``grep`` in a pipe holds everything back
 until it exits, and a run stopped at a time limit then shows nothing -- which cost this project a GPU run.)
 
-Sections (each prints its figures as soon as it has them; a failing section does not stop the others):
+Sections, in this order (each prints its figures as soon as it has them; a failing section does not stop the
+others; the open targets come first, so that a run stopped at its time limit has them):
 
 1. kernel check: the fused SNIP kernel (``brittle.scoring.kernels``) against a float64 reference on random
    bf16 inputs with ragged lengths (skipped where the kernel is unavailable);
-2. per shape: SNIP (with brittle.memory's estimate beside the measured peak) on ``--examples`` x ``--length`` tokens (bf16 model, fp32 accumulators), the plain
-   forward+backward floor over the same batches, their ratio, peak GPU memory, with the fused kernel
-   (the default on CUDA); on the first shape also SNIP without it (``BRITTLE_FUSED_SNIP=0``: fp32 batched
-   products) and the difference between the two score sets, SNIP with the accumulators in host memory beside
-   the memory planner's cost model for it, and SNIP with gradient checkpointing (peak beside the estimate);
-3. on the last shape: one ablation evaluation's generation (``--eval-prompts`` prompts, 64 new tokens, a random 1 %
-   group zeroed), then 4x as many prompts with ``batch_size="auto"`` (the size chosen, the peak beside the estimate);
-4. on the last shape: ``--lora-steps`` LoRA steps (r 8, alpha 16, every linear module, lr 1e-4; batch 16 of
+2. per shape: SNIP (with brittle.memory's estimate beside the measured peak) on ``--examples`` x ``--length``
+   tokens (bf16 model, fp32 accumulators, the fused kernel: the default on CUDA), the plain forward+backward floor
+   over the same batches, their ratio, peak GPU memory;
+3. on the last shape: ``--lora-steps`` LoRA steps (r 8, alpha 16, every linear module, lr 1e-4; batch 16 of
    ``--length`` tokens, as 4 x 4 with gradient accumulation when the trainer has it) without and with a drift
    tracker on five random 1 % groups every 10 steps (drawn on the device; the tracker's construction timed on its
    own, before the tracked run); the ratio of the two wall-clock times and the tracker's share measured inside the
-   tracked run.
+   tracked run;
+4. on the last shape: one ablation evaluation's generation (``--eval-prompts`` prompts, 64 new tokens, a random 1 %
+   group zeroed), then 4x as many prompts with ``batch_size="auto"`` (the size chosen, the peak beside the estimate);
+5. on the first shape, SNIP again and its variants: without the fused kernel (``BRITTLE_FUSED_SNIP=0``: fp32
+   batched products) and the difference between the two score sets, with the accumulators in host memory beside
+   the memory planner's cost model for it, and with gradient checkpointing (peak beside the estimate).
 
 Examples are random vocabulary words (a prompt of ~40 % of the length, the rest response), so that batches are
 full-length: the timing does not depend on the text.
@@ -101,7 +103,7 @@ def kernel_check() -> None:
     print(f"kernel check: max |fused - float64| / max|ref| = {err:.2e} (once), {err2:.2e} (accumulated twice)")
 
 
-def snip_section(shape: str, args, first: bool) -> None:
+def snip_section(shape: str, args, variants: bool = False) -> None:
     dtype = torch.bfloat16
     t = time.perf_counter()
     model, tok = load_bench_model(f"random:{shape}", args.tokenizer, dtype, DEVICE)
@@ -122,7 +124,7 @@ def snip_section(shape: str, args, first: bool) -> None:
     floor_s = floor_time(model, batches)
     print(f"floor (plain fwd+bwd, weights requiring grad, same batches): {floor_s:.2f} s{gpu_peak_mb(DEVICE)}; "
           f"SNIP / floor = {snip_s / floor_s:.2f} (target <= 1.5)")
-    if first:
+    if variants:
         os.environ["BRITTLE_FUSED_SNIP"] = "0"
         try:
             plain, plain_s = timed_snip(model, tok, examples, kw)
@@ -313,12 +315,14 @@ def main() -> int:
         print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, "
               f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB")
     shapes = args.shapes.split(",")
+    # the open targets first (SNIP / floor, drift overhead), so that a run cut at its time limit has them
     sections = [("kernel check", kernel_check)]
-    sections += [(f"SNIP {s}", lambda s=s, i=i: snip_section(s, args, i == 0)) for i, s in enumerate(shapes)]
-    if args.eval_prompts:
-        sections.append((f"evaluation {shapes[-1]}", lambda: eval_section(shapes[-1], args)))
+    sections += [(f"SNIP {s}", lambda s=s: snip_section(s, args)) for s in shapes]
     if args.lora_steps:
         sections.append((f"LoRA {shapes[-1]}", lambda: lora_section(shapes[-1], args)))
+    if args.eval_prompts:
+        sections.append((f"evaluation {shapes[-1]}", lambda: eval_section(shapes[-1], args)))
+    sections.append((f"SNIP variants {shapes[0]}", lambda: snip_section(shapes[0], args, variants=True)))
     failed = 0
     for name, run in sections:
         try:
