@@ -54,6 +54,8 @@ RANDOM_MODELS = {  # LlamaConfig fields; the vocabulary is the tokenizer's; embe
                       num_key_value_heads=32),  # Llama-2-7B shapes
     "llama-135m": dict(hidden_size=576, num_hidden_layers=30, intermediate_size=1536, num_attention_heads=9,
                        num_key_value_heads=3),  # SmolLM2-135M shapes
+    "llama-tiny": dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
+                       num_key_value_heads=2),  # for trying the benchmarks out (tests/test_benchmarks.py)
 }
 
 
