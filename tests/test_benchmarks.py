@@ -25,7 +25,10 @@ def test_bench_gpu_runs_every_section_on_a_tiny_shape(smol_dir):
         assert line in out, line
 
 
-def test_bench_overhead_and_memory_table_run():
+def test_bench_scoring_bench_overhead_and_memory_table_run():
+    out = _run("benchmarks/bench_scoring.py", "--model", "random:llama-tiny", "--nsamples", "4", "--batch-size", "2",
+               "--max-length", "96", "--baseline-layers", "1", "--baseline-examples", "2")
+    assert "SNIP / mean floor = " in out and "max relative difference brittle vs layer-by-layer = " in out
     out = _run("benchmarks/bench_overhead.py", "--layers", "2", "--examples", "8", "--repeats", "1")
     assert "SNIP / floor = " in out and "Wanda / forward = " in out
     table = _run("benchmarks/memory_table.py").splitlines()
