@@ -304,6 +304,27 @@ def test_gradient_checkpointing_gives_the_same_scores_holding_one_block(arch, to
     assert all("forward" not in vars(block) for block in decoder_layers(model))
 
 
+def test_gradient_checkpointing_keeps_a_forward_wrapped_on_the_instance(tok, examples):
+    """accelerate's device_map hooks replace a module's ``forward`` on the instance (to move inputs between
+    devices): checkpointing must call that wrapper, not the class's forward, and put it back afterwards."""
+    model = tiny_model("llama", vocab_size=VOCAB)
+    block = decoder_layers(model)[1]
+    calls, inner = [], block.forward
+
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        return inner(*args, **kwargs)
+
+    block.forward = wrapper
+    plain = compute_scores(model, tok, examples, "snip", batch_size=4, max_length=MAX_LEN, progress=False)
+    n_plain = len(calls)
+    ckpt = compute_scores(model, tok, examples, "snip", batch_size=4, max_length=MAX_LEN, progress=False,
+                          gradient_checkpointing=True)
+    assert len(calls) - n_plain == 2 * n_plain  # forward and recomputation, through the wrapper
+    assert vars(block)["forward"] is wrapper
+    assert all(torch.equal(plain[n], ckpt[n]) for n in plain)
+
+
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_graph_rooted_at_the_embeddings_when_no_block_input_is_found(tok, examples, monkeypatch, checkpointing):
     """The backward graph normally starts at the hidden state entering the first scored block; for a model whose

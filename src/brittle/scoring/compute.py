@@ -196,14 +196,20 @@ def _checkpointed(blocks: Sequence[nn.Module]):
     recomputation runs the whole block and every scored module's forward hook sees its input again."""
     from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
+    # the block's forward as it is, which may be an instance attribute already (accelerate's device_map hooks wrap
+    # forward that way to move inputs between devices): wrapped, and put back exactly as it was
+    saved = [(block, vars(block).get("forward")) for block in blocks]
     for block in blocks:
-        block.forward = functools.partial(checkpoint, type(block).forward.__get__(block), use_reentrant=False)
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
     try:
         with set_checkpoint_early_stop(False):
             yield
     finally:
-        for block in blocks:
-            del block.forward  # the class's forward again
+        for block, own in saved:
+            if own is None:
+                del block.forward  # the class's forward again
+            else:
+                block.forward = own
 
 
 def _embedding_hook(state: dict[str, Any]):
