@@ -27,6 +27,9 @@ others; the open targets come first, so that a run stopped at its time limit has
 5. on the first shape, SNIP again and its variants: without the fused kernel (``BRITTLE_FUSED_SNIP=0``: fp32
    batched products) and the difference between the two score sets, with the accumulators in host memory beside
    the memory planner's cost model for it, and with gradient checkpointing (peak beside the estimate).
+6. on the first shape, a torch.profiler summary of two batches of SNIP and of the floor: time, device busy time,
+   kernel launches, and the CUDA calls that make the host wait for the device (and copies), per batch; SNIP's top
+   device kernels.
 
 Examples are random vocabulary words (a prompt of ~40 % of the length, the rest response), so that batches are
 full-length: the timing does not depend on the text.
@@ -155,6 +158,41 @@ def timed_snip(model, tok, examples, kw, **options) -> tuple[dict, float]:
 def max_rel_diff(a: dict, b: dict) -> float:
     """Max over modules of ``max|a - b| / max|b|``."""
     return max(((a[n] - b[n]).abs().max() / b[n].abs().max()).item() for n in b)
+
+
+#: CUDA runtime calls that make the host wait for the device (a read of a device value is one of them), and copies.
+WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpyAsync", "cudaMemcpy")
+
+
+def profile_section(shape: str, args) -> None:
+    """torch.profiler over two batches of SNIP and of the floor on ``shape``: time, device busy time, kernel launches
+    and the CUDA calls that make the host wait for the device (and copies), per batch; then SNIP's top device
+    kernels. Says on the GPU why SNIP / floor is what it is (the scorer is meant to make no host wait of its own)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model, tok = load_bench_model(f"random:{shape}", args.tokenizer, torch.bfloat16, DEVICE)
+    examples = random_examples(tok, 2 * args.batch_size, args.length, 0)
+    kw = dict(batch_size=args.batch_size, max_length=args.length, progress=False)
+    batches = batches_of(tok, examples, args.batch_size, args.length, DEVICE)
+    compute_scores(model, tok, examples, "snip", **kw)  # warm-up
+    floor_time(model, batches)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
+    print(f"\n== profile on {shape}: 2 batches of {args.batch_size} x {args.length}, per batch")
+    for name, run in (("SNIP", lambda: compute_scores(model, tok, examples, "snip", **kw)),
+                      ("floor", lambda: floor_time(model, batches))):
+        with profile(activities=activities) as prof:
+            t = time.perf_counter()
+            run()
+            sync(DEVICE)
+            wall_ms = (time.perf_counter() - t) * 1e3 / 2
+        events = prof.key_averages()
+        count = {e.key: e.count for e in events}
+        dev_ms = sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e3 / 2
+        waits = ", ".join(f"{k} {count[k] / 2:g}" for k in WAITS if count.get(k))
+        print(f"{name}: {wall_ms:.1f} ms (profiled), device busy {dev_ms:.1f} ms, "
+              f"{count.get('cudaLaunchKernel', 0) / 2:g} kernel launches; waits and copies: {waits or 'none'}")
+        if name == "SNIP" and DEVICE == "cuda":
+            print(events.table(sort_by="self_device_time_total", row_limit=8, max_name_column_width=60))
 
 
 def host_section(model, tok, examples, kw, device_s: float, device_scores) -> None:
@@ -323,6 +361,7 @@ def main() -> int:
     if args.eval_prompts:
         sections.append((f"evaluation {shapes[-1]}", lambda: eval_section(shapes[-1], args)))
     sections.append((f"SNIP variants {shapes[0]}", lambda: snip_section(shapes[0], args, variants=True)))
+    sections.append((f"profile {shapes[0]}", lambda: profile_section(shapes[0], args)))
     failed = 0
     for name, run in sections:
         try:

@@ -21,7 +21,8 @@ def test_bench_gpu_runs_every_section_on_a_tiny_shape(smol_dir):
                "--examples", "4", "--length", "96", "--batch-size", "2", "--lora-steps", "2", "--eval-prompts", "2")
     assert "!! section" not in out
     for line in ("SNIP / floor = ", "ratio tracked / untracked: ", "generation with batch_size=auto: ",
-                 "SNIP without the fused kernel", "SNIP with host accumulators: ", "SNIP with gradient checkpointing: "):
+                 "SNIP without the fused kernel", "SNIP with host accumulators: ", "SNIP with gradient checkpointing: ",
+                 "== profile on llama-tiny", "waits and copies: "):
         assert line in out, line
 
 
