@@ -167,7 +167,8 @@ WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize
 def profile_section(shape: str, args) -> None:
     """torch.profiler over two batches of SNIP and of the floor on ``shape``: time, device busy time, kernel launches
     and the CUDA calls that make the host wait for the device (and copies), per batch; then SNIP's top device
-    kernels. Says on the GPU why SNIP / floor is what it is (the scorer is meant to make no host wait of its own)."""
+    kernels. Says on the GPU why SNIP / floor is what it is (the scorer's own waits are meant to be a few host-to-device
+    copies per batch, before its forward pass)."""
     from torch.profiler import ProfilerActivity, profile
 
     model, tok = load_bench_model(f"random:{shape}", args.tokenizer, torch.bfloat16, DEVICE)
