@@ -157,7 +157,7 @@ def floor_time(model, batches) -> float:
         targets[:, :-1] = labels[:, 1:]
         mask = targets != IGNORE_INDEX
         loss = _loss(model, {k: v for k, v in b.items() if k != "labels"}, mask, targets,
-                     1.0 / mask.sum(1).float(), True, device)
+                     1.0 / mask.sum(1).float(), device)
         loss.backward()
         model.zero_grad(set_to_none=True)
     sync(device)

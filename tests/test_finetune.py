@@ -271,7 +271,8 @@ def test_distilled_examples_are_trained_towards_the_model_before_training(smol_t
             p.data.normal_(0, 0.5)  # a trained adapter: the model now differs from the base
     batch = pad_batch([encode(smol_tokenizer, e, 64) for e in EXAMPLES[:3]], smol_tokenizer.pad_token_id)
     flags = torch.tensor([True, False, True])
-    got = _distilled_loss(peft_model, dict(batch), flags)
+    cols = (batch["labels"][:, 1:] != IGNORE_INDEX).any(0).nonzero().squeeze(1)  # where some row has a loss
+    got = _distilled_loss(peft_model, dict(batch), flags, cols)
     with torch.no_grad():
         logp = torch.log_softmax(peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
                                  .logits[:, :-1].double(), -1)
@@ -289,7 +290,7 @@ def test_distilled_examples_are_trained_towards_the_model_before_training(smol_t
                 want += ce
     assert want > 1.0 and got.item() == pytest.approx(want, rel=1e-4)
     # with an answer weight a, flagged rows add a times their cross-entropy
-    both = _distilled_loss(peft_model, dict(batch), flags, 0.5)
+    both = _distilled_loss(peft_model, dict(batch), flags, cols, 0.5)
     assert flagged_ce > 1.0 and both.item() == pytest.approx(want + 0.5 * flagged_ce, rel=1e-4)
     # trained on flagged examples only, the model starts at the base (LoRA B = 0): the first loss is 0 and the
     # later ones stay near it (AdamW turns the rounding noise of a zero gradient into lr-sized steps), where the

@@ -161,3 +161,30 @@ def test_device_auto_places_the_model_with_accelerate_and_scores_alike(smol_toke
     s_auto = compute_scores(auto, None, ex, "snip", batch_size=1, max_length=None, progress=False)
     s_plain = compute_scores(plain, None, ex, "snip", batch_size=1, max_length=None, progress=False)
     assert all(torch.equal(s_auto[n], s_plain[n]) for n in s_plain)
+
+
+def test_logits_at_equals_the_full_logits_at_those_positions():
+    """The LM head only at the positions asked for (``logits_to_keep``), or, for a model without that argument,
+    the same positions taken from all: both equal the full logits there."""
+    from brittle.models import logits_at, supports_logits_to_keep
+
+    model = tiny_model("llama")
+    inputs = {"input_ids": torch.randint(3, 500, (2, 9), generator=torch.Generator().manual_seed(0)),
+              "attention_mask": torch.ones(2, 9, dtype=torch.long)}
+    cols = torch.tensor([1, 4, 8])
+    with torch.no_grad():
+        full = model(**inputs).logits[:, cols]
+
+        class NoKeep(torch.nn.Module):  # a causal LM whose forward has no logits_to_keep
+            def __init__(self, inner):
+                super().__init__()
+                self.inner = inner
+
+            def forward(self, input_ids, attention_mask):
+                return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+        plain = NoKeep(model)
+        assert supports_logits_to_keep(model) and not supports_logits_to_keep(plain)
+        for m in (model, plain):
+            got = logits_at(m, inputs, cols)
+            assert got.shape == full.shape and (got - full).abs().max() <= 1e-5 * full.abs().max()

@@ -241,3 +241,13 @@ def supports_logits_to_keep(model: nn.Module) -> bool:
         return "logits_to_keep" in inspect.signature(base.forward).parameters
     except (TypeError, ValueError):
         return False
+
+
+def logits_at(model: nn.Module, inputs: dict[str, torch.Tensor], cols: torch.Tensor) -> torch.Tensor:
+    """The logits ``[B, len(cols), V]`` at the positions ``cols`` (1-D indices, on any device): the LM head runs only
+    there when the model takes ``logits_to_keep`` (every transformers 5 accepts 1-D indices), else all positions are
+    computed and ``cols`` taken from them."""
+    if supports_logits_to_keep(model):
+        return model(**inputs, logits_to_keep=cols.to(inputs["input_ids"].device)).logits
+    logits = model(**inputs).logits
+    return logits[:, cols.to(logits.device)]

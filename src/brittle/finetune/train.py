@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from .. import distributed
 from ..data.core import IGNORE_INDEX, Example, encode, pad_batch
 from ..io import BrittleError, FrozenConfig, sha256_json
-from ..models import decoder_layers, linear_modules, supports_logits_to_keep
+from ..models import decoder_layers, linear_modules, logits_at
 
 log = logging.getLogger(__name__)
 
@@ -300,31 +300,28 @@ def _micro_batch_loss(model, items: list[dict[str, torch.Tensor]], pad_id: int, 
     mine = distributed.shard(items) if distributed.active() else items
     if not mine:
         return torch.zeros((), device=device)
-    batch = {key: v.to(device) for key, v in pad_batch(mine, pad_id).items()}
-    flags = torch.tensor(["distill" in it for it in mine], device=device)
-    if flags.any():
-        return _distilled_loss(model, batch, flags, answer_weight) / n_tokens
+    padded = pad_batch(mine, pad_id)
+    batch = {key: v.to(device) for key, v in padded.items()}
+    flags = ["distill" in it for it in mine]
+    if any(flags):  # decided and indexed on the host: nothing waits for the device before the backward pass
+        cols = (padded["labels"][:, 1:] != IGNORE_INDEX).any(0).nonzero().squeeze(1)
+        return _distilled_loss(model, batch, torch.tensor(flags, device=device), cols, answer_weight) / n_tokens
     if not distributed.active():
         return model(**batch).loss
     return model(**batch, num_items_in_batch=n_tokens).loss
 
 
-def _distilled_loss(model, batch: dict[str, torch.Tensor], flags: torch.Tensor,
+def _distilled_loss(model, batch: dict[str, torch.Tensor], flags: torch.Tensor, cols: torch.Tensor,
                     answer_weight: float = 0.0) -> torch.Tensor:
     """The sum over response tokens of the token loss: ``-log p(y_t)`` for rows with ``flags`` False and
     ``KL(p_0 || p) - a log p(y_t)`` at the same positions for rows with ``flags`` True (``a = answer_weight``),
-    ``p_0`` the model with its adapters off."""
-    labels = batch.pop("labels")[:, 1:]  # position t predicts token t + 1
-    cols = (labels != IGNORE_INDEX).any(0).nonzero().squeeze(1)  # the positions where some row has a loss
-    labels = labels[:, cols]
+    ``p_0`` the model with its adapters off. ``cols``: the positions ``t`` where some row has a loss (position
+    ``t`` predicts token ``t + 1``); the LM head and softmax run only there."""
+    labels = batch.pop("labels")[:, 1:][:, cols.to(batch["input_ids"].device)]
     keep = labels != IGNORE_INDEX
 
-    keep_logits = supports_logits_to_keep(model)
-
     def log_probs(inputs: dict[str, torch.Tensor]) -> torch.Tensor:  # [rows, len(cols), V], fp32
-        if keep_logits:  # the LM head and softmax only where a loss is taken
-            return torch.log_softmax(model(**inputs, logits_to_keep=cols).logits.float(), dim=-1)
-        return torch.log_softmax(model(**inputs).logits[:, cols].float(), dim=-1)
+        return torch.log_softmax(logits_at(model, inputs, cols).float(), dim=-1)
 
     logp = log_probs(batch)
     ce = -logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)

@@ -410,31 +410,32 @@ class CpuCopier:
 
 
 def _loss(model: nn.Module, batch: dict[str, torch.Tensor], pred_mask: torch.Tensor, targets: torch.Tensor,
-          inv_count: torch.Tensor, keep_logits: bool, out_device: torch.device) -> torch.Tensor:
+          inv_count: torch.Tensor, out_device: torch.device) -> torch.Tensor:
     """sum_n L_n with L_n the mean fp32 cross-entropy of example n over its loss positions.
 
     ``pred_mask``, ``targets`` (``[B, T]``) and ``inv_count`` (``[B]``) are host tensors: the loss positions are
     found on the host and their indices copied to the devices before the forward pass, so that nothing here waits
-    for the device (a boolean-mask index of the logits would, between the forward and the backward pass)."""
-    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    for the device (a boolean-mask index of the logits would, between the forward and the backward pass). The
+    logits are formed only at the positions where some example has a loss (:func:`brittle.models.logits_at`)."""
+    from ..models import logits_at
+
     B, T = pred_mask.shape
-    K = T
-    if keep_logits:  # the positions where some example has a loss (1-D indices: every transformers 5 accepts them)
-        cols = pred_mask.any(0).nonzero().squeeze(1)
-        kwargs["logits_to_keep"] = cols.to(batch["input_ids"].device)
-        pred_mask, targets, K = pred_mask[:, cols], targets[:, cols], len(cols)
+    cols = pred_mask.any(0).nonzero().squeeze(1)
+    pred_mask, targets = pred_mask[:, cols], targets[:, cols]
     rows, pos = pred_mask.nonzero(as_tuple=True)
     rows_d, pos_d, tgt, w = (t.to(out_device) for t in (rows, pos, targets[rows, pos], inv_count[rows]))
-    logits = model(**kwargs).logits
-    if logits.dim() != 3 or logits.shape[:2] != (B, K):
-        raise BrittleError(f"unexpected logits shape {tuple(logits.shape)} for a batch of {B}x{T} ({K} positions kept)")
+    logits = logits_at(model, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                               "use_cache": False}, cols)
+    if logits.dim() != 3 or logits.shape[:2] != (B, len(cols)):
+        raise BrittleError(f"unexpected logits shape {tuple(logits.shape)} for a batch of {B}x{T} "
+                           f"({len(cols)} positions kept)")
     sel = logits[rows_d.to(logits.device), pos_d.to(logits.device)]  # no copy: the head's device is out_device
     ce = F.cross_entropy(sel.to(torch.float32), tgt.to(sel.device), reduction="none")
     return (ce * w.to(sel.device)).sum()
 
 
 def _gradient_batch(model: nn.Module, batch: dict[str, torch.Tensor], labels: torch.Tensor, accum: _Accumulator,
-                    root: _GraphRoot, keep_logits: bool, out_device: torch.device) -> int:
+                    root: _GraphRoot, out_device: torch.device) -> int:
     """One forward+backward pass of a gradient method over a batch (``labels`` on the host): the accumulator's hooks
     add the batch. Returns the number of loss positions."""
     B, T = labels.shape
@@ -446,7 +447,7 @@ def _gradient_batch(model: nn.Module, batch: dict[str, torch.Tensor], labels: to
     accum.start_batch(BatchInfo((B, T), upto=upto))
     inv_count = 1.0 / counts.to(torch.float32)
     with torch.enable_grad():
-        loss = root.loss(lambda: _loss(model, batch, pred_mask, targets, inv_count, keep_logits, out_device))
+        loss = root.loss(lambda: _loss(model, batch, pred_mask, targets, inv_count, out_device))
         loss.backward()
     root.done()
     return int(counts.sum())
@@ -547,7 +548,7 @@ def compute_scores(
                         labels = batch["labels"]
                         batch = {k: v.to(in_device) for k, v in batch.items() if k != "labels"}
                         if method.needs_grad:
-                            n_resp += _gradient_batch(model, batch, labels, accum, root, keep_logits, out_device)
+                            n_resp += _gradient_batch(model, batch, labels, accum, root, out_device)
                         else:  # activations only: a forward pass
                             wmask = activation_mask(labels)
                             accum.start_batch(BatchInfo(tuple(labels.shape), input_mask=wmask))
