@@ -552,7 +552,7 @@ def test_config_digest_names_the_recipe():
                 AlignConfig(lora=LoraTrainConfig(lr=2e-4, schedule="cosine")),
                 AlignConfig(refusals="varied"), AlignConfig(benign_temperature=0.7), AlignConfig(filter_benign=False),
                 AlignConfig(benign_sources=()), AlignConfig(benign_loss="kl"), AlignConfig(benign_loss="answer"),
-                first, varied]
+                AlignConfig(dtype="bfloat16"), first, varied]
     digests = {v.digest() for v in variants}
     assert len(digests) == len(variants) and cfg.digest() not in digests
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from safetensors import safe_open
 from typer.testing import CliRunner
 
 from brittle.cli import app
@@ -100,6 +101,19 @@ def test_align_command_builds_the_organism(tiny_dir, tiny_fingerprint, tmp_path,
     assert (model_dir / "model.safetensors").stat().st_mtime_ns == stamp
     _refused(invoke(*args, "--lr", 0.05), "config.lora.lr")  # other settings: a clean error, nothing touched
     assert (model_dir / "model.safetensors").stat().st_mtime_ns == stamp and _manifest(model_dir) == man
+
+    # --dtype is part of the recipe (another organism: refused here), --device only where it runs
+    _refused(invoke(*args, "--dtype", "bfloat16"), "config.dtype", "inputs.base_weights")
+    out16 = tmp_path / "safe16"
+    _ok(invoke(*[out16 if a == out else a for a in args], "--dtype", "bfloat16", "--device", "cpu"))
+    man16 = _manifest(out16 / "align")
+    assert man16["config"]["dtype"] == "bfloat16" and "dtype" not in cfg  # float32 stays out: old digests hold
+    assert {k: v for k, v in man16["config"].items() if k != "dtype"} == cfg
+    assert man16["inputs"]["base_weights"] != tiny_fingerprint  # the base, loaded in bfloat16
+    with safe_open(out16 / "align" / "model.safetensors", "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    aligned16, _ = load_model(str(out16 / "align"), dtype="bfloat16")
+    assert weight_fingerprint(aligned16) == man16["outputs"]["model_weights"]
 
 
 TINY_EVAL = {"n_harmful": 2, "max_new_tokens": 2, "n_sampled": 0, "n_benign": 0, "n_edgy": 0, "n_perplexity": 2,

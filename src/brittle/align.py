@@ -266,7 +266,7 @@ def refusal_pool_size() -> int:
 #: Values of the fields added after the first recipe that reproduce it exactly: :meth:`AlignConfig.recipe`
 #: leaves a field out while it has this value, so the first recipe keeps its name (and its cache).
 LEGACY: dict[str, object] = {"refusals": "templates", "benign_temperature": 0.0, "benign_sources": (),
-                             "filter_benign": False, "benign_loss": "answer"}
+                             "filter_benign": False, "benign_loss": "answer", "dtype": "float32"}
 #: The first recipe (preset ``smollm2-135m-safe-v1``, cache ``...-98a08e5a51c9``; the default until 2026-11-28):
 #: 320 templated refusals, 243 benign instructions with greedy own answers, cross-entropy, lr 3e-4.
 FIRST_RECIPE: dict[str, object] = {"n_harmful": 320, "n_benign": 300, "benign_max_new_tokens": 48,
@@ -321,6 +321,10 @@ class AlignConfig(FrozenConfig):
         "from the base model (the adapters switched off) to the trained one over the whole vocabulary "
         "(train_lora's distill): the base's whole distribution is kept, not one sample of it; 'answer+kl': both "
         "(per position the optimum puts half of the mass on the answer's token, half as the base does)."))
+
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description=(
+        "dtype of the base model while the recipe runs (its own answers, the training; the LoRA adapters stay "
+        "float32) and of the saved aligned model. Part of the recipe: a bfloat16 organism has other weights."))
 
     @field_validator("lora", mode="before")
     @classmethod

@@ -575,13 +575,16 @@ def align_cmd(
     epochs: Annotated[int | None, opt("align.lora.epochs", "--epochs", help="Passes over the training mix.")] = None,
     evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="Evaluate the aligned model afterwards (OUT/eval).")] = True,
     seed: Annotated[int | None, opt("align.seed", "--seed", help="Seed of the recipe (data draw, LoRA init, shuffling).")] = None,
+    device: DeviceOpt = None,
+    dtype: Annotated[str | None, opt("align.dtype", "--dtype", help=(
+        "dtype of the recipe (float32, bfloat16, float16; part of the recipe) and of the evaluation afterwards."))] = None,
     force: ForceOpt = False,
 ) -> None:
     """Build a safety-aligned model organism (LoRA safety fine-tuning, merged) into OUT/align."""
     lora = given(r=lora_r, alpha=lora_alpha, lr=lr, epochs=epochs, seed=seed)
     _, results = run_stages(out, ["align", "eval"] if evaluate else ["align"], given(
         align__base=model, align__n_harmful=n_harmful, align__n_benign=n_benign, align__seed=seed,
-        align__lora=lora or None), force=force)
+        align__lora=lora or None, align__dtype=dtype, dtype=dtype, device=device), force=force)
     path = results["align"].folder
     typer.echo(f"aligned model: {path} (use it as --model {path})")
 

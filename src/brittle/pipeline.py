@@ -66,10 +66,11 @@ def run_model(ctx: RunContext, cfg: ExperimentConfig) -> tuple[Any, Any, str]:
 
 
 def align_stage(ctx: RunContext, cfg: ExperimentConfig) -> StageResult:
-    """Stage ``align``: the safety fine-tuning recipe on ``align.base`` -> an aligned model in ``align/``."""
+    """Stage ``align``: the safety fine-tuning recipe on ``align.base`` -> an aligned model in ``align/`` (in
+    ``align.dtype``, on the run's ``device``)."""
     from .presets import build_aligned
 
-    return build_aligned(ctx, cfg.align, ctx.out / "align")
+    return build_aligned(ctx, cfg.align, ctx.out / "align", device=cfg.device)
 
 
 def data_stage(ctx: RunContext, cfg: ExperimentConfig) -> StageResult:

@@ -47,14 +47,16 @@ def _qwen05() -> Path:
     return assemble_parts(parts, "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", QWEN05_SHA256, fix=hint)
 
 
-def build_aligned(ctx, cfg, folder: Path):
-    """Run the ``align`` stage: the recipe ``cfg`` (:class:`brittle.align.AlignConfig`) on ``cfg.base`` into
-    ``folder`` (reused when its manifest records the same recipe and base weights). Returns the StageResult."""
+def build_aligned(ctx, cfg, folder: Path, device: str | None = None):
+    """Run the ``align`` stage: the recipe ``cfg`` (:class:`brittle.align.AlignConfig`) on ``cfg.base``, loaded in
+    ``cfg.dtype`` on ``device`` (None: the default device), into ``folder`` (reused when its manifest records the
+    same recipe and base weights). Returns the StageResult. The device is not part of the record: like every stage's,
+    it changes the speed and the rounding, not the recipe."""
     from .align import align_model
     from .models import weight_fingerprint
     from .stage import run_stage
 
-    model, tok = load_model(cfg.base)
+    model, tok = load_model(cfg.base, dtype=cfg.dtype, device=device)
     return run_stage(ctx, "align", folder, cfg.recipe(), {"base_weights": weight_fingerprint(model)},
                      lambda out: align_model(model, tok, cfg, out, progress=ctx.progress), seeds={"seed": cfg.seed})
 
