@@ -13,7 +13,11 @@ Sections, in this order (each prints its figures as soon as it has them; a faili
 others; the open targets come first, so that a run stopped at its time limit has them):
 
 1. kernel check: the fused SNIP kernel (``brittle.scoring.kernels``) against a float64 reference on random
-   bf16 inputs with ragged lengths (skipped where the kernel is unavailable);
+   bf16 inputs with ragged lengths (skipped where the kernel is unavailable); then, per linear-module shape of the
+   benchmarked models, one module's SNIP products for a batch (``Snip.accumulate``, the scorer's own call) with the
+   fused kernel and with the cuBLAS products (``BRITTLE_FUSED_SNIP=0``), beside the weight-gradient product of the
+   floor (``dY^T X`` over the batch's tokens, bf16): time and TFLOP/s of each, which says whether the per-example
+   products cost what a weight gradient does;
 2. per shape: SNIP (with brittle.memory's estimate beside the measured peak) on ``--examples`` x ``--length``
    tokens (bf16 model, fp32 accumulators, the fused kernel: the default on CUDA), the plain forward+backward floor
    over the same batches, their ratio, peak GPU memory;
@@ -24,8 +28,8 @@ others; the open targets come first, so that a run stopped at its time limit has
    tracked run;
 4. on the last shape: one ablation evaluation's generation (``--eval-prompts`` prompts, 64 new tokens, a random 1 %
    group zeroed), then 4x as many prompts with ``batch_size="auto"`` (the size chosen, the peak beside the estimate);
-5. on the first shape, SNIP again and its variants: without the fused kernel (``BRITTLE_FUSED_SNIP=0``: fp32
-   batched products) and the difference between the two score sets, with the accumulators in host memory beside
+5. on the first shape, SNIP again and its variants: without the fused kernel (``BRITTLE_FUSED_SNIP=0``: cuBLAS
+   batched products of the bf16 factors with fp32 output) and the difference between the two score sets, with the accumulators in host memory beside
    the memory planner's cost model for it, and with gradient checkpointing (peak beside the estimate).
 6. on the first shape, a torch.profiler summary of two batches of SNIP and of the floor: time, device busy time,
    kernel launches, and the CUDA calls that make the host wait for the device (and copies), per batch; SNIP's top
@@ -106,6 +110,58 @@ def kernel_check() -> None:
     print(f"kernel check: max |fused - float64| / max|ref| = {err:.2e} (once), {err2:.2e} (accumulated twice)")
 
 
+def module_shapes(shapes: list[str]) -> list[tuple[int, int]]:
+    """The distinct ``(d_out, d_in)`` of a Llama block's linear modules in the ``RANDOM_MODELS`` shapes."""
+    from bench_scoring import RANDOM_MODELS
+
+    out = []
+    for name in shapes:
+        c = RANDOM_MODELS[name]
+        d, f = c["hidden_size"], c["intermediate_size"]
+        kv = d // c["num_attention_heads"] * c["num_key_value_heads"]
+        out += [(d, d), (kv, d), (f, d), (d, f)]
+    return list(dict.fromkeys(out))
+
+
+def products_section(args) -> None:
+    """Per module shape: one batch of SNIP products (``Snip.accumulate``) fused and through cuBLAS, against the
+    floor's weight-gradient product of the same factors; time per call (mean of 5, after a warm-up) and TFLOP/s,
+    counting ``2 B T d_out d_in`` for each."""
+    from brittle.scoring import kernels
+    from brittle.scoring.methods import BatchInfo, Snip
+
+    B, T = args.batch_size, args.length
+    dev = torch.device(DEVICE)
+    snip = Snip()
+    batch = BatchInfo((B, T), upto=[T] * B)
+    print(f"\n== SNIP products per module and batch ({B} x {T} tokens, bf16 factors, fp32 accumulator)")
+    for M, N in module_shapes(args.shapes.split(",")):
+        g = torch.randn(B, T, M, device=dev, dtype=torch.bfloat16)
+        x = torch.randn(B, T, N, device=dev, dtype=torch.bfloat16)
+        acc = torch.zeros(M, N, device=dev)
+        work = torch.empty(snip.workspace_numel((M, N), B), device=dev)
+        runs = {"fused": lambda: snip.accumulate(acc, x, g, batch, work),
+                "cuBLAS": lambda: snip.accumulate(acc, x, g, batch, work),
+                "weight gradient": lambda: torch.mm(g.view(-1, M).t(), x.view(-1, N))}
+        line = []
+        for name, run in runs.items():
+            os.environ["BRITTLE_FUSED_SNIP"] = "0" if name == "cuBLAS" else "1"
+            if name == "fused" and not kernels.fused_available(acc, x, g) or (
+                    name == "cuBLAS" and not kernels.mixed_available(acc, x, g)):
+                name += " (not available here: fp32 products)"
+            run()
+            sync(DEVICE)
+            t = time.perf_counter()
+            for _ in range(5):
+                run()
+            sync(DEVICE)
+            s = (time.perf_counter() - t) / 5
+            line.append(f"{name} {s * 1e3:.2f} ms ({2 * B * T * M * N / s / 1e12:.3g} TFLOP/s)")
+        os.environ["BRITTLE_FUSED_SNIP"] = "1"
+        print(f"{M} x {N}: " + ", ".join(line))
+        del g, x, acc, work
+
+
 def snip_section(shape: str, args, variants: bool = False) -> None:
     dtype = torch.bfloat16
     t = time.perf_counter()
@@ -133,7 +189,7 @@ def snip_section(shape: str, args, variants: bool = False) -> None:
             plain, plain_s = timed_snip(model, tok, examples, kw)
         finally:
             os.environ["BRITTLE_FUSED_SNIP"] = "1"
-        print(f"SNIP without the fused kernel (fp32 batched products): {plain_s:.2f} s = {plain_s / floor_s:.2f} x floor; "
+        print(f"SNIP without the fused kernel (cuBLAS products, fp32 output): {plain_s:.2f} s = {plain_s / floor_s:.2f} x floor; "
               f"max over modules of max|fused - unfused| / max|unfused| = {max_rel_diff(fused, plain):.2e}")
         del plain
         host_section(model, tok, examples, kw, snip_s, fused)
@@ -355,7 +411,7 @@ def main() -> int:
               f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB")
     shapes = args.shapes.split(",")
     # the open targets first (SNIP / floor, drift overhead), so that a run cut at its time limit has them
-    sections = [("kernel check", kernel_check)]
+    sections = [("kernel check", kernel_check), ("SNIP products", lambda: products_section(args))]
     sections += [(f"SNIP {s}", lambda s=s: snip_section(s, args)) for s in shapes]
     if args.lora_steps:
         sections.append((f"LoRA {shapes[-1]}", lambda: lora_section(shapes[-1], args)))

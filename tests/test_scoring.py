@@ -276,6 +276,30 @@ def test_fused_kernel_path_gets_whole_inputs_and_lengths(tok, examples, monkeypa
     assert calls and all(T >= k for T, k in calls) and any(T > k for T, k in calls)  # whole inputs, not windows
 
 
+def test_mixed_precision_products_get_the_layers_own_factors(tok, examples, monkeypatch):
+    """Without the fused kernel, a bf16 layer's per-example gradients on CUDA come from its own bf16 factors with
+    fp32 output (``kernels.mixed_products``, cuBLAS), written into the workspace. The wiring, checked on the CPU
+    with a float64 stand-in of that product on a bf16 model: its scores equal the fp32-product path's (catches a
+    transposed factor or a wrong chunk), the factors arrive in bf16 (catches upcast copies made first) and the
+    output lands in the fp32 workspace."""
+    from brittle.scoring import kernels
+
+    calls = []
+
+    def stand_in(g_t, x, out=None):
+        assert g_t.dtype == x.dtype == torch.bfloat16 and out is not None and out.dtype == torch.float32
+        calls.append(g_t.shape[0])
+        return out.copy_(torch.bmm(g_t.double(), x.double()))  # fp32 output in the workspace
+
+    model = tiny_model("llama", vocab_size=VOCAB).to(torch.bfloat16)
+    plain = compute_scores(model, tok, examples, "snip", batch_size=4, max_length=MAX_LEN, progress=False)
+    monkeypatch.setattr(kernels, "mixed_available", lambda acc, x, g: x.dtype == torch.bfloat16)
+    monkeypatch.setattr(kernels, "mixed_products", stand_in)
+    mixed = compute_scores(model, tok, examples, "snip", batch_size=4, max_length=MAX_LEN, progress=False)
+    assert calls and sum(calls) == len(linear_modules(model)) * len(examples)  # every module, every example
+    assert max_rel_error(mixed, plain) < REORDER_TOL
+
+
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_gradient_checkpointing_gives_the_same_scores_holding_one_block(arch, tok, examples, monkeypatch):
     """With gradient checkpointing each block is recomputed in the backward pass and the scored modules' inputs are
@@ -364,8 +388,10 @@ def test_scoring_loop_reads_no_device_values(arch, tok, examples, monkeypatch):
     the loss's ``logits[pred_mask]`` and Wanda's ``x[mask]`` (the code before this test). With eager attention:
     transformers' SDPA mask itself reads the padding mask once per forward pass (``fast_all``)."""
     from brittle.lowrank import record_output_covariance
+    from brittle.scoring import kernels
     from brittle.scoring.compute import CpuCopier
 
+    mixed_products = kernels.mixed_products
     monkeypatch.setattr(CpuCopier, "__call__", lambda self, t: t)
     model = tiny_model(arch, vocab_size=VOCAB).to("meta")
     for method, options in (("snip", {}), ("wanda", {}), ("snip-summed", {}), ("snip", {"gradient_checkpointing": True})):
@@ -373,6 +399,13 @@ def test_scoring_loop_reads_no_device_values(arch, tok, examples, monkeypatch):
         assert {v.device.type for v in out.values()} == {"meta"} and len(out) == len(linear_modules(model))
     cov = record_output_covariance(model, tok, examples, batch_size=4, max_length=MAX_LEN, progress=False)
     assert {v.device.type for v in cov.values()} == {"meta"}
+    # a bf16 model: SNIP's products take the bf16 factors with fp32 output (the path CUDA takes without the kernel)
+    products = []
+    monkeypatch.setattr(kernels, "mixed_products", lambda *a: products.append(a) or mixed_products(*a))
+    out = compute_scores(model.to(torch.bfloat16), tok, examples, "snip", batch_size=4, max_length=MAX_LEN,
+                         progress=False)
+    assert {(v.device.type, v.dtype) for v in out.values()} == {("meta", torch.float32)}
+    assert products and all(a.dtype == b.dtype == torch.bfloat16 for a, b, _ in products)
     with pytest.raises(NotImplementedError):  # the meta device does catch a read: a boolean-mask index
         next(model.parameters())[torch.ones(1, dtype=torch.bool, device="meta")]
 

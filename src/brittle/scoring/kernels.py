@@ -1,4 +1,5 @@
-"""A fused GPU kernel for SNIP: ``acc += sum_n |dY[n]^T X[n]|`` without writing the per-example gradients.
+"""GPU products for SNIP: a fused kernel for ``acc += sum_n |dY[n]^T X[n]|`` that never writes the per-example
+gradients, and the cuBLAS mixed-precision batched product that serves when the kernel does not.
 
 Why: a batched product writes ``B x d_out x d_in`` fp32 per-example gradients to memory and reads them back
 for ``|.|`` and the sum: for a 1B model that is ~100 GB of traffic per batch of 8, more than the whole
@@ -10,8 +11,9 @@ tensor cores with fp32 accumulation (the products of bf16/fp16 values are exact 
 examples is fp32. The result equals the fp32 batched product up to fp32 summation order.
 
 Tested on the CPU in Triton's interpreter for every autotuner configuration (``tests/test_kernels.py``, fp16).
-Used on CUDA with bf16/fp16 inputs when Triton is importable (``BRITTLE_FUSED_SNIP=0`` turns it off: then the
-fp32 batched products serve). Checked on an H200 (2026-11-28, ``benchmarks/bench_gpu.py``) against a float64
+Used on CUDA with bf16/fp16 inputs when Triton is importable (``BRITTLE_FUSED_SNIP=0`` turns it off: then
+:func:`mixed_products`, cuBLAS batched products of the bf16/fp16 factors with fp32 output, serve; until
+2026-11-29 that fallback upcast both factors and ran fp32 products). Checked on an H200 (2026-11-28, ``benchmarks/bench_gpu.py``) against a float64
 reference on ragged lengths: max relative error 4.3e-07 once, 8.6e-07 accumulated twice (an earlier version
 failed that check: the autotuner ran the in-place kernel once per trial; ``restore_value`` fixed it).
 :func:`fused_available` decides.
@@ -28,6 +30,25 @@ try:  # Triton ships with PyTorch's CUDA builds; the CPU build has none.
     import triton.language as tl
 except ImportError:  # pragma: no cover - depends on the installed torch
     triton = None
+
+
+#: Devices whose ``torch.bmm`` takes bf16/fp16 factors with ``out_dtype=torch.float32`` (PyTorch's docs: CUDA and
+#: XPU); ``meta`` runs the same calls on shapes only (the tests' device-read check).
+MIXED_PRODUCT_DEVICES = ("cuda", "xpu", "meta")
+
+
+def mixed_available(acc: torch.Tensor, x: torch.Tensor, g: torch.Tensor) -> bool:
+    """True when :func:`mixed_products` can form this module's per-example gradients from its own bf16/fp16
+    factors (no fp32 copies of ``x`` and ``g``, tensor cores instead of fp32 arithmetic)."""
+    return (acc.device.type in MIXED_PRODUCT_DEVICES and x.device == acc.device and g.device == acc.device
+            and x.dtype in (torch.bfloat16, torch.float16) and g.dtype == x.dtype)
+
+
+def mixed_products(g_t: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``out[n] = g_t[n] @ x[n]`` in fp32 from bf16/fp16 factors: fp32 accumulation and output (the products of
+    bf16/fp16 values are exact in fp32), so it equals the fp32 product of the upcast factors up to fp32 summation
+    order, without forming the upcast copies or running fp32 arithmetic."""
+    return torch.bmm(g_t, x, torch.float32, out=out)
 
 
 def fused_available(acc: torch.Tensor, x: torch.Tensor, g: torch.Tensor) -> bool:

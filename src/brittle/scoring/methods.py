@@ -151,14 +151,20 @@ def _response_window(x: torch.Tensor, g: torch.Tensor, batch: BatchInfo) -> tupl
     return x[:, :T].where(keep, 0.0), g[:, :T].where(batch.window_on(g.device), 0.0)
 
 
+def _fp32_products(g_t: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.bmm(g_t, x, out=out)
+
+
 class Snip(ScoreMethod):
     """``snip``: ``S = |W| * sum_n |dL_n/dW|`` -- the absolute value is taken per example (the paper's SNIP).
 
     The per-example gradient ``G_n = dY[n]^T X[n]`` (``[d_out, d_in]``, a sum over the example's positions up
     to its last loss position) is formed for several examples at once: on CUDA with bf16/fp16 layers (unless ``BRITTLE_FUSED_SNIP=0``) by a
     fused kernel (:mod:`brittle.scoring.kernels`: product with fp32 accumulation, ``|.|`` and the sum over
-    examples in registers, ``G_n`` never written to memory); elsewhere by one fp32 batched product per chunk of
-    examples (:func:`examples_per_chunk`) into the workspace, then ``|.|`` and a sum over the chunk."""
+    examples in registers, ``G_n`` never written to memory); elsewhere by one batched product per chunk of
+    examples (:func:`examples_per_chunk`) into the fp32 workspace, then ``|.|`` and a sum over the chunk. That
+    product takes the layer's bf16/fp16 factors with fp32 output on CUDA (:func:`kernels.mixed_products`), fp32
+    factors elsewhere; both equal the fp32 product up to fp32 summation order."""
 
     name = "snip"
     needs_grad = True
@@ -178,14 +184,18 @@ class Snip(ScoreMethod):
             kernels.add_abs_example_grads(acc, g, x, batch.upto_on(acc.device))
             return
         x, g = _response_window(x, g, batch)
-        x = x.to(device=acc.device, dtype=torch.float32)
-        g = g.to(device=acc.device, dtype=torch.float32)
+        if kernels.mixed_available(acc, x, g):  # bf16/fp16 factors, fp32 products (cuBLAS)
+            product = kernels.mixed_products
+        else:
+            x = x.to(device=acc.device, dtype=torch.float32)
+            g = g.to(device=acc.device, dtype=torch.float32)
+            product = _fp32_products
         d_out, d_in = acc.shape
         chunk = examples_per_chunk((d_out, d_in), len(batch.upto))
         for s in range(0, x.shape[0], chunk):
             n = min(chunk, x.shape[0] - s)
             out = None if work is None else work[: n * d_out * d_in].view(n, d_out, d_in)
-            grads = torch.bmm(g[s:s + n].transpose(1, 2), x[s:s + n], out=out)  # G_n for the chunk's examples
+            grads = product(g[s:s + n].transpose(1, 2), x[s:s + n], out)  # G_n for the chunk's examples
             acc.add_(grads.abs_().sum(0))
 
     def finish(self, acc, weight):
