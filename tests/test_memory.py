@@ -190,8 +190,10 @@ def test_auto_generation_batch_size(smol_tokenizer):
     assert auto_batch_size(model, tok, prompts, cfg, free_bytes=int(2.5 * per_prompt / HEADROOM)) == 2
     assert auto_batch_size(model, tok, prompts, cfg, free_bytes=int(1.5 * per_prompt / HEADROOM)) == 1
     assert auto_batch_size(model, tok, prompts, cfg, free_bytes=1) == 1  # never below one prompt
-    assert generate(model, tok, prompts, cfg, progress=False) == generate(model, tok, prompts, replace(cfg, batch_size=5),
-                                                                          progress=False)
+    told = []
+    assert generate(model, tok, prompts, cfg, progress=False, on_batch_size=told.append) == generate(
+        model, tok, prompts, replace(cfg, batch_size=5), progress=False, on_batch_size=told.append)
+    assert told == [5]  # the size chosen, told once; a size given as a number is not "chosen"
     with pytest.raises(ValueError, match="batch_size"):
         generate(model, tok, prompts, replace(cfg, batch_size=0), progress=False)
     assert [EvalConfig(batch_size=v).batch_size for v in ("auto", "64", 8)] == ["auto", 64, 8]

@@ -89,9 +89,7 @@ def data_stage(ctx: RunContext, cfg: ExperimentConfig) -> StageResult:
         inputs[f"set:{name}"] = sha256_json([e.to_dict() for e in examples])
 
     def produce(folder: Path) -> dict[str, Any]:
-        from dataclasses import replace
-
-        from .evaluation.generation import GenerationConfig, auto_batch_size, generate
+        from .evaluation.generation import GenerationConfig, generate
         from .evaluation.judges import get_judge
 
         made: dict[str, tuple[list, dict[str, int]]] = {}
@@ -102,12 +100,9 @@ def data_stage(ctx: RunContext, cfg: ExperimentConfig) -> StageResult:
             sizes = {"safety": data.n_safety, "utility": data.n_utility}
             for kind in built:
                 prompts = build_prompts(kind, sizes[kind], cfg.seed)
-                kind_gen = gen
-                if data.batch_size == "auto":
-                    kind_gen = replace(gen, batch_size=auto_batch_size(model, tok, [e.prompt for e in prompts], gen))
-                    ctx.log(f"[data] {kind}: generation batch size auto -> {kind_gen.batch_size}")
-                answers = [a[0] for a in generate(model, tok, [e.prompt for e in prompts], kind_gen,
-                                                   progress=ctx.progress, desc=f"{kind} answers")]
+                answers = [a[0] for a in generate(
+                    model, tok, [e.prompt for e in prompts], gen, progress=ctx.progress, desc=f"{kind} answers",
+                    on_batch_size=lambda n, kind=kind: ctx.log(f"[data] {kind}: generation batch size auto -> {n}"))]
                 verdicts = judge([e.prompt for e in prompts], answers) if kind == "safety" else None
                 made[kind] = keep_answers(kind, prompts, answers, verdicts)
                 ctx.log(f"[data] {kind}: kept {made[kind][1]['kept']} of {made[kind][1]['generated']} answers")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -66,6 +66,7 @@ def generate(
     suffix: str = "",
     progress: bool = True,
     desc: str = "generate",
+    on_batch_size: Callable[[int], None] | None = None,
 ) -> list[list[str]]:
     """Answer each prompt ``config.num_samples`` times; returns ``[prompt][sample] -> text``.
 
@@ -73,7 +74,8 @@ def generate(
     adversarial suffix), batched with left padding, decoded without special tokens. Sampling is
     seeded per batch from ``config.seed`` so results do not depend on the batch schedule of other runs
     with the same settings. ``config.batch_size = "auto"`` sizes the batches to the free GPU memory
-    (:func:`auto_batch_size`); greedy answers can differ slightly between batch sizes (padding).
+    (:func:`auto_batch_size`) and tells ``on_batch_size`` the size chosen; greedy answers can differ slightly
+    between batch sizes (padding).
     Several processes (:mod:`brittle.distributed`) take whole batches each (batch ``b`` on
     process ``b mod w``, seeded as in one process) and every process returns all the answers.
     """
@@ -84,6 +86,8 @@ def generate(
     batch_size = config.batch_size
     if batch_size == "auto":
         batch_size = auto_batch_size(model, tokenizer, prompts, config, suffix=suffix)
+        if on_batch_size is not None:
+            on_batch_size(batch_size)
     elif isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1 or 'auto', got {batch_size!r}")
     texts = [render_prompt(tokenizer, p + suffix, config.system_prompt) for p in prompts]

@@ -18,7 +18,7 @@ from ..data.core import Example, render_prompt
 from ..io import write_json, write_jsonl, write_text
 from .asr import asr_any_of_n, asr_per_sample, degenerate_shares, prompt_share, share, suffix_aggregate
 from .config import EvalConfig
-from .generation import GenerationConfig, auto_batch_size, generate
+from .generation import GenerationConfig, generate
 from .judges import explain_refusal_v1, get_judge
 
 Verdicts = list[list[str]]  # [prompt][sample] -> verdict
@@ -91,15 +91,18 @@ class Generator:
         self.log(f"[{variant}] {len(examples)} prompts x {gcfg.num_samples} sample(s)")
         prompts = [e.prompt for e in examples]
         suffix_text = (" " + suffix) if suffix else ""
-        if gcfg.batch_size == "auto":
-            gcfg = replace(gcfg, batch_size=auto_batch_size(self.model, self.tokenizer, prompts, gcfg, suffix=suffix_text))
-            self.log(f"[{variant}] generation batch size auto -> {gcfg.batch_size}")
+        sizes = [gcfg.batch_size]
+
+        def chosen(n: int) -> None:  # batch_size "auto": the size generate chose, logged and kept for the notes
+            sizes.append(n)
+            self.log(f"[{variant}] generation batch size auto -> {n}")
+
         answers = generate(self.model, self.tokenizer, prompts, gcfg, suffix=suffix_text,
-                           progress=self.progress, desc=variant)
+                           progress=self.progress, desc=variant, on_batch_size=chosen)
         judged_prompts = [p + (" " + suffix if suffix else "") for p in prompts]
         verdicts = self.judges(judged_prompts, answers)
         rows = _rows(examples, answers, verdicts, suffix if suffix else None)
-        return Run(verdicts, rows, round(time.perf_counter() - t, 1), gcfg.batch_size)
+        return Run(verdicts, rows, round(time.perf_counter() - t, 1), sizes[-1])
 
 
 def greedy(cfg: EvalConfig, system_prompt: str | None) -> GenerationConfig:
