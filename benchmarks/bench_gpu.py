@@ -33,7 +33,10 @@ others; the open targets come first, so that a run stopped at its time limit has
    the memory planner's cost model for it, and with gradient checkpointing (peak beside the estimate).
 6. on the first shape, a torch.profiler summary of two batches of SNIP and of the floor: time, device busy time,
    kernel launches, and the CUDA calls that make the host wait for the device (and copies), per batch; SNIP's top
-   device kernels.
+   device kernels;
+7. (CUDA only) the scores' copy to the host (``bench_d2h_copy.compare``): ``CpuCopier``'s staged copy against a
+   double-buffered one. Section 2 also says how much of SNIP's time that copy took: the floor has nothing like it,
+   and for a 7B model it moves 24 GiB.
 
 Examples are random vocabulary words (a prompt of ~40 % of the length, the rest response), so that batches are
 full-length: the timing does not depend on the text.
@@ -123,6 +126,14 @@ def module_shapes(shapes: list[str]) -> list[tuple[int, int]]:
     return list(dict.fromkeys(out))
 
 
+def host_copy_section() -> None:
+    """``bench_d2h_copy.compare``: the scores' copy to the host, staged (``CpuCopier``) against double-buffered."""
+    from bench_d2h_copy import compare
+
+    print("\n== scores to the host (1B shapes, 3.6 GiB of fp32)")
+    compare(trials=2, with_pageable=False)
+
+
 def products_section(args) -> None:
     """Per module shape: one batch of SNIP products (``Snip.accumulate``) fused and through cuBLAS, against the
     floor's weight-gradient product of the same factors; time per call (mean of 5, after a warm-up) and TFLOP/s,
@@ -173,7 +184,8 @@ def snip_section(shape: str, args, variants: bool = False) -> None:
     kw = dict(batch_size=args.batch_size, max_length=args.length, progress=False)
     compute_scores(model, tok, examples[: args.batch_size], "snip", **kw)  # warm-up (kernel autotuning)
     stats: dict = {}
-    fused, snip_s = timed_snip(model, tok, examples, kw, stats=stats)
+    copies: list[float] = []
+    fused, snip_s = timed_snip(model, tok, examples, kw, copies, stats=stats)
     print(f"SNIP {args.examples} x {args.length}: {snip_s:.2f} s ({stats['n_tokens']} tokens, "
           f"{stats['n_response_tokens']} in the loss, batch {args.batch_size}){gpu_peak_mb(DEVICE)}"
           f"{estimate_line(model, 'scoring', method='snip', batch_size=args.batch_size, max_length=args.length, fused=True)}")
@@ -183,6 +195,9 @@ def snip_section(shape: str, args, variants: bool = False) -> None:
     floor_s = floor_time(model, batches)
     print(f"floor (plain fwd+bwd, weights requiring grad, same batches): {floor_s:.2f} s{gpu_peak_mb(DEVICE)}; "
           f"SNIP / floor = {snip_s / floor_s:.2f} (target <= 1.5)")
+    gib = sum(v.numel() for v in fused.values()) * 4 / 2**30
+    print(f"of SNIP's time, the scores' copy to the host ({gib:.2f} GiB): {sum(copies):.2f} s "
+          f"({gib / max(sum(copies), 1e-9):.1f} GiB/s); SNIP without it / floor = {(snip_s - sum(copies)) / floor_s:.2f}")
     if variants:
         os.environ["BRITTLE_FUSED_SNIP"] = "0"
         try:
@@ -201,14 +216,31 @@ def snip_section(shape: str, args, variants: bool = False) -> None:
     del fused, model
 
 
-def timed_snip(model, tok, examples, kw, **options) -> tuple[dict, float]:
-    """SNIP scores and the seconds they took (GPU synchronised, peak memory counter reset first)."""
+def timed_snip(model, tok, examples, kw, copy_seconds: list | None = None, **options) -> tuple[dict, float]:
+    """SNIP scores and the seconds they took (GPU synchronised, peak memory counter reset first); with
+    ``copy_seconds``, the seconds of the scores' final copy to the host (``CpuCopier``) are appended to it."""
+    from brittle.scoring.compute import CpuCopier
+
+    call = CpuCopier.__call__
+
+    def timed_call(self, t):  # the copy is synchronous anyway: the syncs only separate it from the queued work
+        sync(DEVICE)
+        start = time.perf_counter()
+        out = call(self, t)
+        copy_seconds.append(time.perf_counter() - start)
+        return out
+
     reset_peak()
     sync(DEVICE)
-    t = time.perf_counter()
-    scores = compute_scores(model, tok, examples, "snip", **kw, **options)
-    sync(DEVICE)
-    return scores, time.perf_counter() - t
+    if copy_seconds is not None:
+        CpuCopier.__call__ = timed_call
+    try:
+        t = time.perf_counter()
+        scores = compute_scores(model, tok, examples, "snip", **kw, **options)
+        sync(DEVICE)
+        return scores, time.perf_counter() - t
+    finally:
+        CpuCopier.__call__ = call
 
 
 def max_rel_diff(a: dict, b: dict) -> float:
@@ -419,6 +451,8 @@ def main() -> int:
         sections.append((f"evaluation {shapes[-1]}", lambda: eval_section(shapes[-1], args)))
     sections.append((f"SNIP variants {shapes[0]}", lambda: snip_section(shapes[0], args, variants=True)))
     sections.append((f"profile {shapes[0]}", lambda: profile_section(shapes[0], args)))
+    if DEVICE == "cuda":
+        sections.append(("host copy", host_copy_section))
     failed = 0
     for name, run in sections:
         try:
