@@ -12,8 +12,9 @@ until it exits, and a run stopped at a time limit then shows nothing -- which co
 Sections, in this order (each prints its figures as soon as it has them; a failing section does not stop the
 others; the open targets come first, so that a run stopped at its time limit has them):
 
-1. kernel check: the fused SNIP kernel (``brittle.scoring.kernels``) against a float64 reference on random
-   bf16 inputs with ragged lengths (skipped where the kernel is unavailable); then, per linear-module shape of the
+1. kernel check: the fused SNIP kernel (``brittle.scoring.kernels``) and the cuBLAS products that serve without it,
+   each against a float64 reference on random bf16 inputs with ragged lengths (the kernel skipped where it is
+   unavailable); then, per linear-module shape of the
    benchmarked models, one module's SNIP products for a batch (``Snip.accumulate``, the scorer's own call) with the
    fused kernel and with the cuBLAS products (``BRITTLE_FUSED_SNIP=0``), beside the weight-gradient product of the
    floor (``dY^T X`` over the batch's tokens, bf16): time and TFLOP/s of each, which says whether the per-example
@@ -100,12 +101,24 @@ def kernel_check() -> None:
     x = torch.randn(5, 333, 700, device=dev, dtype=torch.bfloat16)
     lengths = [333, 1, 0, 200, 65]
     acc = torch.zeros(1000, 700, device=dev)
+    gd, xd = g.double(), x.double()
+    ref = sum((gd[b, :n].t() @ xd[b, :n]).abs() for b, n in enumerate(lengths))
+    # the cuBLAS products (the path without the kernel), through the scorer's own call
+    from brittle.scoring.methods import BatchInfo, Snip
+
+    os.environ["BRITTLE_FUSED_SNIP"] = "0"
+    try:
+        mixed = torch.zeros_like(acc)
+        Snip().accumulate(mixed, x, g, BatchInfo(tuple(g.shape[:2]), upto=lengths), None)
+    finally:
+        os.environ["BRITTLE_FUSED_SNIP"] = "1"
+    print(f"product check: max |cuBLAS products - float64| / max|ref| = "
+          f"{((mixed.double() - ref).abs().max() / ref.abs().max()).item():.2e} "
+          f"({'bf16 factors, fp32 output' if kernels.mixed_available(acc, x, g) else 'fp32 factors'})")
     if not kernels.fused_available(acc, x, g):
         print("kernel check: fused kernel not available here (no Triton or not CUDA)")
         return
     kernels.add_abs_example_grads(acc, g, x, lengths)
-    gd, xd = g.double(), x.double()
-    ref = sum((gd[b, :n].t() @ xd[b, :n]).abs() for b, n in enumerate(lengths))
     err = ((acc.double() - ref).abs().max() / ref.abs().max()).item()
     acc2 = acc.clone()
     kernels.add_abs_example_grads(acc2, g, x, lengths)  # accumulates on top

@@ -35,12 +35,15 @@ except ImportError:  # pragma: no cover - depends on the installed torch
 #: Devices whose ``torch.bmm`` takes bf16/fp16 factors with ``out_dtype=torch.float32`` (PyTorch's docs: CUDA and
 #: XPU); ``meta`` runs the same calls on shapes only (the tests' device-read check).
 MIXED_PRODUCT_DEVICES = ("cuda", "xpu", "meta")
+#: ``torch.bmm(..., out_dtype)`` exists (PyTorch >= 2.8: the ``aten::bmm.dtype`` overload); older builds upcast.
+BMM_OUT_DTYPE = "dtype" in torch.ops.aten.bmm.overloads()
 
 
 def mixed_available(acc: torch.Tensor, x: torch.Tensor, g: torch.Tensor) -> bool:
     """True when :func:`mixed_products` can form this module's per-example gradients from its own bf16/fp16
     factors (no fp32 copies of ``x`` and ``g``, tensor cores instead of fp32 arithmetic)."""
-    return (acc.device.type in MIXED_PRODUCT_DEVICES and x.device == acc.device and g.device == acc.device
+    return (BMM_OUT_DTYPE and acc.device.type in MIXED_PRODUCT_DEVICES and x.device == acc.device
+            and g.device == acc.device
             and x.dtype in (torch.bfloat16, torch.float16) and g.dtype == x.dtype)
 
 
