@@ -101,6 +101,11 @@ def dtype_bytes(dtype: str) -> int:
     return getattr(torch, dtype).itemsize
 
 
+def dtype_name(model: Any) -> str:
+    """The dtype of ``model``'s (first) parameters, named as in the config (``bfloat16``): what the estimates take."""
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
+
+
 @dataclass(frozen=True)
 class MemoryEstimate:
     """Estimated peak bytes by part; ``total`` is their sum."""

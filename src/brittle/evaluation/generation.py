@@ -39,7 +39,7 @@ def auto_batch_size(model, tokenizer, prompts: Sequence[str], config: Generation
     GPU (``torch.cuda.mem_get_info``; the smallest over the GPUs it spans, a conservative choice for a model split
     over several), or ``free_bytes`` when given; :data:`CPU_AUTO_BATCH` for a model off a GPU. At least 1, at most
     ``len(prompts)``. Several processes take the smallest of their choices, so that they share out the same batches."""
-    from ..memory import ModelShape, generation_batch_size
+    from ..memory import ModelShape, dtype_name, generation_batch_size
 
     devices = {p.device for p in model.parameters() if p.device.type == "cuda"}
     if free_bytes is None and devices:
@@ -49,8 +49,7 @@ def auto_batch_size(model, tokenizer, prompts: Sequence[str], config: Generation
     else:
         texts = [render_prompt(tokenizer, p + suffix, config.system_prompt) for p in prompts]
         longest = max((len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]), default=1)
-        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-        n = generation_batch_size(ModelShape.of_model(model), dtype=dtype, free_bytes=free_bytes, prompt_length=longest,
+        n = generation_batch_size(ModelShape.of_model(model), dtype=dtype_name(model), free_bytes=free_bytes, prompt_length=longest,
                                   max_new_tokens=config.max_new_tokens, num_samples=config.num_samples)
     n = max(1, min(n, len(prompts)))
     return min(distributed.gather(n))  # one process: [n]

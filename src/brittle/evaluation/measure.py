@@ -99,7 +99,7 @@ class Generator:
 
         answers = generate(self.model, self.tokenizer, prompts, gcfg, suffix=suffix_text,
                            progress=self.progress, desc=variant, on_batch_size=chosen)
-        judged_prompts = [p + (" " + suffix if suffix else "") for p in prompts]
+        judged_prompts = [p + suffix_text for p in prompts]
         verdicts = self.judges(judged_prompts, answers)
         rows = _rows(examples, answers, verdicts, suffix if suffix else None)
         return Run(verdicts, rows, round(time.perf_counter() - t, 1), sizes[-1])

@@ -38,6 +38,7 @@ from pathlib import Path
 from ..data.core import DataError, Example
 from ..io import ExistsError
 from .chat import no_system_prompt
+from .generation import CPU_AUTO_BATCH
 from .config import SYSTEM_PROMPT_ALIASES as SYSTEM_PROMPT_ALIASES  # re-exported
 from .config import (
     LLAMA2_DEFAULT_SYSTEM_PROMPT,
@@ -180,7 +181,7 @@ def evaluate_model(
     timings |= {k: x for k, x in (("perplexity", ppl_seconds), ("zeroshot", acc_seconds)) if x is not None}
     timings["total"] = round(time.perf_counter() - t0, 1)
     if cfg.batch_size == "auto":
-        notes.append("generation batch size auto (sized to the free GPU memory; 32 off a GPU): "
+        notes.append(f"generation batch size auto (sized to the free GPU memory; {CPU_AUTO_BATCH} off a GPU): "
                      + ", ".join(f"{name} {run.batch_size}" for name, run in runs.items()))
 
     summary = summarize(model=model_id(model), weights=fingerprint, cfg=cfg, judges=inputs.judges.names,

@@ -230,11 +230,11 @@ def finetune_memory(model, train_config: LoraTrainConfig, *, full: bool,
     """The estimated peak memory of the fine-tuning (:func:`brittle.memory.estimate_finetune`: a micro-batch of
     ``batch_size`` x ``max_length`` tokens, the adapters or the full model's optimiser state, the drift tracker's
     entries) against the weights' device, as one log line."""
-    from ..memory import ModelShape, describe, device_bytes, estimate_finetune
+    from ..memory import ModelShape, describe, device_bytes, dtype_name, estimate_finetune
 
     weight = next(model.parameters())
     tracked = sum(int(m.sum()) for group in (track or {}).values() for m in group.values())
-    est = estimate_finetune(ModelShape.of_model(model), dtype=str(weight.dtype).removeprefix("torch."),
+    est = estimate_finetune(ModelShape.of_model(model), dtype=dtype_name(model),
                             batch_size=train_config.batch_size, max_length=train_config.max_length, full=full,
                             rank=train_config.r, gradient_checkpointing=train_config.gradient_checkpointing,
                             tracked_entries=tracked)
