@@ -14,6 +14,10 @@ $(BIN)/python:
 	$(BIN)/pip install --quiet --upgrade pip
 
 $(STAMP): $(BIN)/python pyproject.toml requirements/torch.txt requirements/constraints.txt requirements/assets.txt
+	@avail=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); \
+	if [ "$$avail" -lt 5 ]; then \
+	  echo "warning: $$avail GB free on this disk; the environment takes about 3.5 GB (torch, triton, models and data)" >&2; \
+	fi
 	# torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
 	$(BIN)/pip install --quiet -r requirements/torch.txt
 	$(BIN)/pip install --quiet -c requirements/constraints.txt -e ".[eval,test]"

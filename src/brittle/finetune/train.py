@@ -208,8 +208,13 @@ def train_lora(
                           freeze_mode, full=full)
     peft_model.brittle_freezer = freezer  # merge_lora applies the mode
     if cfg.gradient_checkpointing:
-        # non-reentrant: gradients reach the adapters although the block inputs do not require grad
-        peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # non-reentrant: gradients reach the adapters although the block inputs do not require grad.
+        # transformers 5.2x renamed gradient_checkpointing_enable (kept as a deprecated alias until v6).
+        enable = getattr(peft_model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     peft_model.train()
     params = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
     opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
