@@ -34,6 +34,7 @@ import random
 import re
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,7 +127,9 @@ def make_lora_model(model, cfg: LoraTrainConfig):
     decoder_layers(model)  # fail early on unknown architectures
     lcfg = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                       target_modules=lora_target_modules(model, cfg.targets), bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, lcfg)
+    with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing (a FutureWarning)
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
+        return get_peft_model(model, lcfg)
 
 
 def train_lora(
