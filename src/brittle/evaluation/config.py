@@ -43,7 +43,8 @@ class EvalConfig(BaseModel):
     max_new_tokens: int = Field(64, description="Tokens generated per answer, in every generation variant (>= 1).")
     batch_size: int | Literal["auto"] = Field(32, description=(
         "Prompts per generation batch (>= 1), or auto: sized to the free GPU memory for the longest prompt "
-        f"({CPU_AUTO_BATCH} off a GPU; the size used is in the summary's notes); perplexity uses batches of 8, zero-shot zeroshot_batch_size."))
+        f"({CPU_AUTO_BATCH} off a GPU; the size used is in the summary's notes); perplexity uses batches of 8, "
+        "zero-shot zeroshot_batch_size."))
     system_prompt: str | None = Field(None, description=(
         "System prompt of the vanilla_sys variant: a text, or llama2 (Llama-2's official default prompt); unset: the "
         "chat template's own default."))
