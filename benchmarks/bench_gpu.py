@@ -346,8 +346,9 @@ def eval_section(shape: str, args) -> None:
 
     many = prompts * 4
     auto_cfg = GenerationConfig(max_new_tokens=64, batch_size="auto")
-    n = auto_batch_size(model, tok, many, auto_cfg)
-    longest = max(len(tok(render_prompt(tok, p, None), add_special_tokens=False)["input_ids"]) for p in many)
+    texts = [render_prompt(tok, p, None) for p in many]
+    n = auto_batch_size(model, tok, texts, auto_cfg)
+    longest = max(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts)
     est = estimate_generation(ModelShape.of_model(model), dtype="bfloat16", batch_size=n, prompt_length=longest,
                               max_new_tokens=64)
     reset_peak()

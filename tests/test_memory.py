@@ -182,14 +182,15 @@ def test_auto_generation_batch_size(smol_tokenizer):
     model = tiny_model("llama", vocab_size=len(tok))
     prompts = [f"Tell me about the number {i}." + " Please." * (3 * i) for i in range(5)]
     cfg = GenerationConfig(max_new_tokens=4, batch_size="auto", temperature=1.0, num_samples=2)
-    assert auto_batch_size(model, tok, prompts, cfg) == 5
-    longest = max(len(tok(render_prompt(tok, p, None), add_special_tokens=False)["input_ids"]) for p in prompts)
+    texts = [render_prompt(tok, p, None) for p in prompts]
+    assert auto_batch_size(model, tok, texts, cfg) == 5
+    longest = max(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts)
     one = estimate_generation(ModelShape.of_model(model), dtype="float32", batch_size=1, prompt_length=longest,
                               max_new_tokens=4, num_samples=2)
     per_prompt = one.total - one.weights
-    assert auto_batch_size(model, tok, prompts, cfg, free_bytes=int(2.5 * per_prompt / HEADROOM)) == 2
-    assert auto_batch_size(model, tok, prompts, cfg, free_bytes=int(1.5 * per_prompt / HEADROOM)) == 1
-    assert auto_batch_size(model, tok, prompts, cfg, free_bytes=1) == 1  # never below one prompt
+    assert auto_batch_size(model, tok, texts, cfg, free_bytes=int(2.5 * per_prompt / HEADROOM)) == 2
+    assert auto_batch_size(model, tok, texts, cfg, free_bytes=int(1.5 * per_prompt / HEADROOM)) == 1
+    assert auto_batch_size(model, tok, texts, cfg, free_bytes=1) == 1  # never below one prompt
     told = []
     assert generate(model, tok, prompts, cfg, progress=False, on_batch_size=told.append) == generate(
         model, tok, prompts, replace(cfg, batch_size=5), progress=False, on_batch_size=told.append)

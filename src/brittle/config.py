@@ -26,7 +26,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from .ablation import DEFAULT_SPARSITIES, GROUP_KINDS, PQ_PRESETS
 from .align import AlignConfig
-from .evaluation.config import EvalConfig, SweepEvalConfig
+from .evaluation.config import EvalConfig, GenerationBatchSize, SweepEvalConfig
 from .evaluation.generation import CPU_AUTO_BATCH
 from .finetune.job import ATTACK_DEFAULTS, FinetuneConfig
 from .io import BrittleError, FrozenConfig
@@ -65,17 +65,10 @@ class DataConfig(FrozenConfig):
     n_safety: int = Field(256, gt=0, description="Harmful prompts to answer (before the refusal filter).")
     n_utility: int = Field(256, gt=0, description="Benign instructions to answer.")
     max_new_tokens: int = Field(64, gt=0, description="Greedy generation length of the built sets.")
-    batch_size: int | Literal["auto"] = Field(16, description=(
+    batch_size: GenerationBatchSize = Field(16, description=(
         "Generation batch size (>= 1), or auto: sized to the free GPU memory (as eval.batch_size; "
         f"{CPU_AUTO_BATCH} off a GPU)."))
     judge: str = Field("refusal-v1", description="Refusal judge that filters the built safety set.")
-
-    @field_validator("batch_size")
-    @classmethod
-    def _batch(cls, v: int | str) -> int | str:
-        if v != "auto" and v < 1:
-            raise ValueError("must be >= 1 or auto")
-        return v
 
 
 class ScoreConfig(FrozenConfig):

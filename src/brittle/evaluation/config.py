@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticUndefined
 
 from ..io import BrittleError
-from .generation import CPU_AUTO_BATCH
+from .generation import CPU_AUTO_BATCH, check_batch_size
 from .judges import DEFAULT_JUDGE
+
+#: A generation batch size in a config: an integer >= 1, or "auto" (sized to the free GPU memory).
+GenerationBatchSize = Annotated[int | Literal["auto"], AfterValidator(check_batch_size)]
 
 LLAMA2_DEFAULT_SYSTEM_PROMPT = (
     "You are a helpful, respectful and honest assistant. Always answer as helpfully as possible, while being "
@@ -41,7 +44,7 @@ class EvalConfig(BaseModel):
         "Harmful prompts kept (the first n of harmful, >= 1) for the attack success rates; the sampled and suffix "
         "variants use the first of these."))
     max_new_tokens: int = Field(64, description="Tokens generated per answer, in every generation variant (>= 1).")
-    batch_size: int | Literal["auto"] = Field(32, description=(
+    batch_size: GenerationBatchSize = Field(32, description=(
         "Prompts per generation batch (>= 1), or auto: sized to the free GPU memory for the longest prompt "
         f"({CPU_AUTO_BATCH} off a GPU; the size used is in the summary's notes); perplexity uses batches of 8, "
         "zero-shot zeroshot_batch_size."))
@@ -95,10 +98,10 @@ class EvalConfig(BaseModel):
         "Seed of the benign held-out split, sampling and zero-shot; a run uses the top-level seed (leave it at 0; a "
         "value other than 0 and the top-level seed is an error)."))
 
-    @field_validator("n_harmful", "max_new_tokens", "batch_size", "num_samples")
+    @field_validator("n_harmful", "max_new_tokens", "num_samples")
     @classmethod
-    def _positive(cls, v: int | str) -> int | str:
-        if v != "auto" and v < 1:
+    def _positive(cls, v: int) -> int:
+        if v < 1:
             raise ValueError("must be >= 1")
         return v
 

@@ -32,13 +32,21 @@ class GenerationConfig:
         return asdict(self)
 
 
-def auto_batch_size(model, tokenizer, prompts: Sequence[str], config: GenerationConfig, *, suffix: str = "",
+def check_batch_size(value: int | str) -> int | str:
+    """``value`` when it is a generation batch size (an integer >= 1, or ``"auto"``); else a ValueError."""
+    if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"batch_size must be an integer >= 1 or 'auto', got {value!r}")
+    return value
+
+
+def auto_batch_size(model, tokenizer, texts: Sequence[str], config: GenerationConfig, *,
                     free_bytes: int | None = None) -> int:
     """Prompts per batch for ``batch_size = "auto"``: :func:`brittle.memory.generation_batch_size` for the longest
-    rendered prompt, ``config.max_new_tokens`` and ``config.num_samples``, against the free memory of the model's
-    GPU (``torch.cuda.mem_get_info``; the smallest over the GPUs it spans, a conservative choice for a model split
-    over several), or ``free_bytes`` when given; :data:`CPU_AUTO_BATCH` for a model off a GPU. At least 1, at most
-    ``len(prompts)``. Several processes take the smallest of their choices, so that they share out the same batches."""
+    of the rendered prompts ``texts``, ``config.max_new_tokens`` and ``config.num_samples``, against the free memory
+    of the model's GPU (``torch.cuda.mem_get_info``; the smallest over the GPUs it spans, a conservative choice for a
+    model split over several), or ``free_bytes`` when given; :data:`CPU_AUTO_BATCH` for a model off a GPU. At least
+    1, at most ``len(texts)``. Several processes take the smallest of their choices, so that they share out the same
+    batches."""
     from ..memory import ModelShape, dtype_name, generation_batch_size
 
     devices = {p.device for p in model.parameters() if p.device.type == "cuda"}
@@ -47,11 +55,11 @@ def auto_batch_size(model, tokenizer, prompts: Sequence[str], config: Generation
     if free_bytes is None:
         n = CPU_AUTO_BATCH
     else:
-        texts = [render_prompt(tokenizer, p + suffix, config.system_prompt) for p in prompts]
-        longest = max((len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]), default=1)
-        n = generation_batch_size(ModelShape.of_model(model), dtype=dtype_name(model), free_bytes=free_bytes, prompt_length=longest,
-                                  max_new_tokens=config.max_new_tokens, num_samples=config.num_samples)
-    n = max(1, min(n, len(prompts)))
+        longest = max((len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]), default=1)
+        n = generation_batch_size(ModelShape.of_model(model), dtype=dtype_name(model), free_bytes=free_bytes,
+                                  prompt_length=longest, max_new_tokens=config.max_new_tokens,
+                                  num_samples=config.num_samples)
+    n = max(1, min(n, len(texts)))
     return min(distributed.gather(n))  # one process: [n]
 
 
@@ -82,14 +90,12 @@ def generate(
         raise ValueError("num_samples must be >= 1")
     if config.temperature == 0 and config.num_samples > 1:
         raise ValueError("num_samples > 1 needs temperature > 0 (greedy decoding gives identical samples)")
-    batch_size = config.batch_size
+    batch_size = check_batch_size(config.batch_size)
+    texts = [render_prompt(tokenizer, p + suffix, config.system_prompt) for p in prompts]
     if batch_size == "auto":
-        batch_size = auto_batch_size(model, tokenizer, prompts, config, suffix=suffix)
+        batch_size = auto_batch_size(model, tokenizer, texts, config)
         if on_batch_size is not None:
             on_batch_size(batch_size)
-    elif isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1 or 'auto', got {batch_size!r}")
-    texts = [render_prompt(tokenizer, p + suffix, config.system_prompt) for p in prompts]
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     device = next(model.parameters()).device

@@ -38,7 +38,6 @@ from pathlib import Path
 from ..data.core import DataError, Example
 from ..io import ExistsError
 from .chat import no_system_prompt
-from .generation import CPU_AUTO_BATCH
 from .config import SYSTEM_PROMPT_ALIASES as SYSTEM_PROMPT_ALIASES  # re-exported
 from .config import (
     LLAMA2_DEFAULT_SYSTEM_PROMPT,
@@ -46,6 +45,7 @@ from .config import (
     make_config,
     resolve_system_prompt,
 )
+from .generation import CPU_AUTO_BATCH
 from .measure import (
     Generator,
     Judges,

@@ -13,10 +13,10 @@ examples is fp32. The result equals the fp32 batched product up to fp32 summatio
 Tested on the CPU in Triton's interpreter for every autotuner configuration (``tests/test_kernels.py``, fp16).
 Used on CUDA with bf16/fp16 inputs when Triton is importable (``BRITTLE_FUSED_SNIP=0`` turns it off: then
 :func:`mixed_products`, cuBLAS batched products of the bf16/fp16 factors with fp32 output, serve; until
-2026-11-29 that fallback upcast both factors and ran fp32 products). Checked on an H200 (2026-11-28, ``benchmarks/bench_gpu.py``) against a float64
-reference on ragged lengths: max relative error 4.3e-07 once, 8.6e-07 accumulated twice (an earlier version
-failed that check: the autotuner ran the in-place kernel once per trial; ``restore_value`` fixed it).
-:func:`fused_available` decides.
+2026-11-29 that fallback upcast both factors and ran fp32 products). Checked on an H200 (2026-11-28,
+``benchmarks/bench_gpu.py``) against a float64 reference on ragged lengths: max relative error 4.3e-07 once,
+8.6e-07 accumulated twice (an earlier version failed that check: the autotuner ran the in-place kernel once per
+trial; ``restore_value`` fixed it). :func:`fused_available` decides.
 """
 
 from __future__ import annotations
